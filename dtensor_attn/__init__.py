@@ -1,7 +1,21 @@
 """dtensor_attn: placement-correct attention for DTensor, its test harness, and a placement debugger."""
 
+from dtensor_attn.config import AttentionConfig, Backend, Kernel
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
+from dtensor_attn.local_map_attention import AttentionPlacements, LocalMapAttention
+from dtensor_attn.masks import make_attention_masks
 from dtensor_attn.placements import infer_out_placements
 
-__all__ = ["Dim", "Layout", "PlacementError", "infer_out_placements"]
+__all__ = [
+    "AttentionConfig",
+    "AttentionPlacements",
+    "Backend",
+    "Dim",
+    "Kernel",
+    "Layout",
+    "LocalMapAttention",
+    "PlacementError",
+    "infer_out_placements",
+    "make_attention_masks",
+]

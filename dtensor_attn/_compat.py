@@ -38,6 +38,7 @@ __all__ = [
     "Shard",
     "StridedShard",
     "context_parallel_style",
+    "flex_attention_with_lse",
     "input_dim",
     "local_tensor_mode_active",
     "maybe_disable_local_tensor_mode",
@@ -117,6 +118,17 @@ def varlen_supports_gqa() -> bool:
     """torch 2.11's varlen_attn has no ``enable_gqa``: k/v heads must be expanded there."""
     fn = varlen_attn_or_none()
     return fn is not None and "enable_gqa" in inspect.signature(fn).parameters
+
+
+def flex_attention_with_lse(flex_fn, *args, **kwargs):
+    """Call flex_attention asking for the LSE: ``return_aux`` where this torch has it, else the
+    older ``return_lse`` keyword. Returns (out, lse)."""
+    from torch.nn.attention import flex_attention as flex_module
+
+    if "return_aux" in inspect.signature(flex_module.flex_attention).parameters:
+        out, aux = flex_fn(*args, return_aux=flex_module.AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+    return flex_fn(*args, return_lse=True, **kwargs)
 
 
 def context_parallel_style():

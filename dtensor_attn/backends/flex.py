@@ -1,0 +1,106 @@
+"""flex inner attention: ``flex_attention`` with block masks, in the (B, L, N, H) layout.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+On CUDA the kernel is torch's compiled flex_attention with a block mask built from the same
+causal/document rule as every other backend. Torch's flex has no CPU backward and no rule for
+simulated ranks, so there the math kernel runs (reported as ``flex[math]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtensor_attn import _compat
+from dtensor_attn.backends.base import InnerAttention, in_simulation
+from dtensor_attn.backends.math_kernel import math_attention
+from dtensor_attn.config import Backend, Kernel
+from dtensor_attn.layout import Layout
+from dtensor_attn.masks import DocumentMask
+
+
+class FlexDocumentMask(DocumentMask):
+    """Packed-document mask for the flex backend."""
+
+
+class FlexAttention(InnerAttention):
+    backend = Backend.FLEX
+    mask_type = FlexDocumentMask
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._compiled_flex = None
+
+    @property
+    def lse_layout(self) -> Layout | None:
+        return Layout.BNL if self.config.return_lse else None
+
+    def native_kernel_available(self, device: torch.device) -> bool:
+        if in_simulation():
+            return False
+        # Eager CPU flex runs forward only: use it only when asked for explicitly.
+        return device.type == "cuda" or self.config.kernel is Kernel.NATIVE
+
+    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
+        self._check_mask(mask)
+        self._check_qkv(q, k, v)
+        legacy = self.in_layout is Layout.BNLH
+        # The layout change, at the kernel call: flex wants (B, N, L, H).
+        q_BNLH = q if legacy else q.transpose(1, 2)
+        k_BNLH = k if legacy else k.transpose(1, 2)
+        v_BNLH = v if legacy else v.transpose(1, 2)
+        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L)
+        out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
+        return (out, lse_BNL) if self.config.return_lse else out
+
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+        cfg = self.config
+        scale = self.scale_for(q_BNLH.shape[-1])
+        device = q_BNLH.device
+        num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]
+        if not self.uses_native_kernel(device):
+            allowed_BLL = self.allowed(num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+            return math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
+        block_mask = self._block_mask(q_BNLH.shape[0], num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+        out_BNLH, lse_BNL = _compat.flex_attention_with_lse(
+            self._flex_fn(device),
+            q_BNLH,
+            k_BNLH,
+            v_BNLH,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=q_BNLH.shape[1] != k_BNLH.shape[1],
+        )
+        return out_BNLH, (lse_BNL if cfg.return_lse else None)
+
+    def _flex_fn(self, device: torch.device):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if device.type != "cuda":
+            return flex_attention
+        if self._compiled_flex is None:
+            self._compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return self._compiled_flex
+
+    def _block_mask(self, batch, num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        is_causal = self.config.is_causal
+        if is_causal and q_seq_index_L is None:
+            q_seq_index_L = torch.arange(num_q, device=device)
+        if is_causal and kv_seq_index_L is None:
+            kv_seq_index_L = torch.arange(num_kv, device=device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = torch.ones((), dtype=torch.bool, device=device)
+            if is_causal:
+                ok = kv_seq_index_L[kv_idx] <= q_seq_index_L[q_idx]
+            if mask is not None:
+                ok = ok & (mask.q_document_ids_BL[b, q_idx] == mask.kv_document_ids_BL[b, kv_idx])
+            return ok
+
+        if not is_causal and mask is None:
+            return None
+        mask_batch = batch if mask is not None else None
+        return create_block_mask(mask_mod, mask_batch, None, num_q, num_kv, device=device)

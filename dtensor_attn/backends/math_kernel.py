@@ -1,0 +1,83 @@
+"""The math reference kernel: dense masked attention with the contract of every backend.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+Used where torch has no kernel for the run (flex backward and varlen on CPU, simulated
+ranks) and as the float64 reference of the tests. Test ids and reports name it ``[math]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtensor_attn.masks import DocumentMask
+
+
+def allowed_mask(
+    *,
+    is_causal: bool,
+    num_q: int,
+    num_kv: int,
+    mask: DocumentMask | None,
+    q_seq_index_L: torch.Tensor | None,
+    kv_seq_index_L: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Which keys each query may see: (1 or B, Lq, Lk) bool, or None for all.
+
+    Causality compares global sequence indices, so a query chunk of a context-parallel rank
+    sees exactly the keys it would see unsharded.
+    """
+    allowed_BLL = None
+    if is_causal:
+        if q_seq_index_L is None:
+            q_seq_index_L = torch.arange(num_q, device=device)
+        if kv_seq_index_L is None:
+            kv_seq_index_L = torch.arange(num_kv, device=device)
+        allowed_BLL = (kv_seq_index_L[None, :] <= q_seq_index_L[:, None])[None]
+    if mask is not None:
+        same_doc_BLL = mask.q_document_ids_BL[:, :, None] == mask.kv_document_ids_BL[:, None, :]
+        allowed_BLL = same_doc_BLL if allowed_BLL is None else allowed_BLL & same_doc_BLL
+    return allowed_BLL
+
+
+def expand_kv_heads(kv_BNLH: torch.Tensor, num_q_heads: int, *, enable_gqa: bool, heads_dim: int = 1):
+    """Repeat each k/v head for its group of q heads (GQA), after checking the group fits."""
+    num_kv_heads = kv_BNLH.shape[heads_dim]
+    if num_kv_heads == num_q_heads:
+        return kv_BNLH
+    if not enable_gqa:
+        raise ValueError(
+            f"q has {num_q_heads} heads and k/v {num_kv_heads}: that is GQA, but enable_gqa is "
+            f"False. Fix: AttentionConfig(enable_gqa=True)."
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"GQA needs q heads ({num_q_heads}) to be a multiple of k/v heads ({num_kv_heads})"
+        )
+    return kv_BNLH.repeat_interleave(num_q_heads // num_kv_heads, dim=heads_dim)
+
+
+def math_attention(
+    q_BNLH: torch.Tensor,
+    k_BNLH: torch.Tensor,
+    v_BNLH: torch.Tensor,
+    allowed_BLL: torch.Tensor | None,
+    *,
+    scale: float,
+    enable_gqa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention; returns (out_BNLH, lse_BNL). A query that may see no key gets 0 and
+    an LSE of -inf, as flex and varlen do."""
+    num_q_heads = q_BNLH.shape[1]
+    k_BNLH = expand_kv_heads(k_BNLH, num_q_heads, enable_gqa=enable_gqa)
+    v_BNLH = expand_kv_heads(v_BNLH, num_q_heads, enable_gqa=enable_gqa)
+    scores_BNLL = torch.matmul(q_BNLH, k_BNLH.transpose(-1, -2)) * scale
+    if allowed_BLL is not None:
+        scores_BNLL = scores_BNLL.masked_fill(~allowed_BLL[:, None], float("-inf"))
+    lse_BNL = torch.logsumexp(scores_BNLL, dim=-1)
+    # exp(-inf - finite) = 0 for a fully masked row instead of nan.
+    finite_lse_BNL = torch.where(torch.isinf(lse_BNL), torch.zeros_like(lse_BNL), lse_BNL)
+    probs_BNLL = torch.exp(scores_BNLL - finite_lse_BNL[..., None])
+    return torch.matmul(probs_BNLL, v_BNLH), lse_BNL

@@ -1,0 +1,78 @@
+"""sdpa inner attention: ``F.scaled_dot_product_attention`` in the (B, L, N, H) layout.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+Causal masking only: sdpa refuses packed-document masks (make_masks raises), so a config that
+asks for documents cannot silently get a kernel that ignores them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dtensor_attn.backends.base import InnerAttention
+from dtensor_attn.backends.math_kernel import math_attention
+from dtensor_attn.config import Backend
+from dtensor_attn.layout import Layout
+
+
+class SDPAAttention(InnerAttention):
+    backend = Backend.SDPA
+
+    @classmethod
+    def make_masks(cls, config, positions_BL):
+        if positions_BL is not None and bool((positions_BL[:, 1:] == 0).any()):
+            raise ValueError(
+                "sdpa cannot apply packed-document masks: positions restart inside a row. "
+                "Fix: use backend 'flex' or 'varlen' for packed documents."
+            )
+        return None
+
+    @property
+    def lse_layout(self) -> Layout | None:
+        return Layout.BNL if self.config.return_lse else None
+
+    def native_kernel_available(self, device: torch.device) -> bool:
+        return True
+
+    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
+        self._check_mask(mask)
+        self._check_qkv(q, k, v)
+        legacy = self.in_layout is Layout.BNLH
+        # The layout change, at the kernel call: sdpa wants (B, N, L, H).
+        q_BNLH = q if legacy else q.transpose(1, 2)
+        k_BNLH = k if legacy else k.transpose(1, 2)
+        v_BNLH = v if legacy else v.transpose(1, 2)
+        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, q_seq_index_L, kv_seq_index_L)
+        out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
+        return (out, lse_BNL) if self.config.return_lse else out
+
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, q_seq_index_L, kv_seq_index_L):
+        cfg = self.config
+        scale = self.scale_for(q_BNLH.shape[-1])
+        num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]
+        # Plain causal on an unsharded sequence keeps sdpa's flash path (no mask tensor).
+        plain_causal = q_seq_index_L is None and kv_seq_index_L is None and num_q == num_kv
+        native = self.uses_native_kernel(q_BNLH.device)
+        allowed_BLL = None
+        if not native or cfg.return_lse or (cfg.is_causal and not plain_causal):
+            allowed_BLL = self.allowed(num_q, num_kv, None, q_seq_index_L, kv_seq_index_L, q_BNLH.device)
+        if not native:
+            return math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
+        gqa = q_BNLH.shape[1] != k_BNLH.shape[1]
+        out_BNLH = F.scaled_dot_product_attention(
+            q_BNLH,
+            k_BNLH,
+            v_BNLH,
+            attn_mask=None if allowed_BLL is None else allowed_BLL[:, None],
+            is_causal=cfg.is_causal and allowed_BLL is None,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        lse_BNL = None
+        if cfg.return_lse:
+            # sdpa does not return its LSE publicly: recompute it (one extra score pass).
+            _, lse_BNL = math_attention(q_BNLH, k_BNLH, v_BNLH[..., :1], allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
+        return out_BNLH, lse_BNL

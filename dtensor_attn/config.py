@@ -1,0 +1,86 @@
+"""AttentionConfig: the one value that says which inner attention a model builds.
+
+The backend is an enum, converted once here from its string form; everything downstream
+(masks, the test matrix, the CLI) reads ``config.backend`` and looks it up in the registry
+(``dtensor_attn.backends.REGISTRY``), so a model and its masks cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from dtensor_attn.layout import Layout
+
+
+class Backend(enum.Enum):
+    SDPA = "sdpa"
+    FLEX = "flex"
+    VARLEN = "varlen"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Kernel(enum.Enum):
+    """Which kernel runs: torch's own (``NATIVE``), or the math reference with the same contract.
+
+    ``AUTO`` picks NATIVE where torch has it for the device and the run (sdpa everywhere; flex
+    and varlen on CUDA) and MATH elsewhere (flex backward and varlen on CPU, simulated ranks).
+    """
+
+    AUTO = "auto"
+    NATIVE = "native"
+    MATH = "math"
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class AttentionConfig:
+    """How to build an inner attention.
+
+    ``layout`` is the public layout of q/k/v and the output: BLNH (after the refactor) or the
+    legacy BNLH. ``varlen_output`` is BLNH (a zero-copy view of the packed output) or TNH (the
+    packed 3-D output itself); only varlen takes TNH.
+    """
+
+    backend: Backend | str
+    is_causal: bool = True
+    scale: float | None = None
+    enable_gqa: bool = False
+    return_lse: bool = False
+    varlen_output: Layout = Layout.BLNH
+    layout: Layout = Layout.BLNH
+    kernel: Kernel = Kernel.AUTO
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backend, str):
+            try:
+                self.backend = Backend(self.backend)
+            except ValueError:
+                names = ", ".join(b.value for b in Backend)
+                raise ValueError(
+                    f"AttentionConfig: unknown backend {self.backend!r}; expected one of {names}"
+                ) from None
+        if self.layout not in (Layout.BLNH, Layout.BNLH):
+            raise ValueError(
+                f"AttentionConfig: layout must be Layout.BLNH or the legacy Layout.BNLH, "
+                f"got {self.layout!r}"
+            )
+        if self.varlen_output not in (Layout.BLNH, Layout.TNH):
+            raise ValueError(
+                f"AttentionConfig: varlen_output must be Layout.BLNH or Layout.TNH, "
+                f"got {self.varlen_output!r}"
+            )
+        if self.varlen_output is Layout.TNH and self.backend is not Backend.VARLEN:
+            raise ValueError(
+                f"AttentionConfig: varlen_output=Layout.TNH needs backend varlen, got "
+                f"{self.backend}. Fix: drop varlen_output, or use backend='varlen'."
+            )
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"AttentionConfig: scale must be positive, got {self.scale}")
+
+    def build(self):
+        """The inner attention module for this config (from the backend registry)."""
+        from dtensor_attn.backends import REGISTRY
+
+        return REGISTRY[self.backend](self)

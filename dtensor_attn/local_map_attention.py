@@ -1,0 +1,296 @@
+"""LocalMapAttention: run an inner attention on DTensors with every placement inferred.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+Given DTensor q/k/v, the wrapper validates their placements, infers the output (and LSE)
+placements by mapping q's placements through the inner module's declared layouts, states the
+gradient placements, and calls torch's ``local_map`` with all three. A mesh axis that shards
+the sequence is context parallelism: k/v are all-gathered over it at the boundary (q stays
+sharded), each rank's queries are masked by their global sequence index, and the k/v local
+gradients are Partial on that axis. Plans are cached per (mesh, placements, shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.experimental import local_map
+
+from dtensor_attn._compat import Partial, Placement, Replicate, Shard
+from dtensor_attn.backends.base import InnerAttention
+from dtensor_attn.errors import PlacementError
+from dtensor_attn.layout import Dim, Layout
+from dtensor_attn.masks import DocumentMask
+from dtensor_attn.placements import (
+    Placements,
+    format_placements,
+    infer_out_placements,
+    normalize_placements,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionPlacements:
+    """Everything LocalMapAttention states at its local_map boundary, for one input signature."""
+
+    q: Placements
+    kv: Placements  # as the kernel sees k/v: gathered (Replicate) on context-parallel axes
+    out: Placements
+    lse: Placements | None
+    q_grad: Placements
+    kv_grad: Placements  # Partial on context-parallel axes
+    cp_axes: tuple[int, ...]
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    placements: AttentionPlacements
+    fn: Callable
+    q_seq_index_L: DTensor | None
+
+
+class LocalMapAttention(nn.Module):
+    """Wraps an inner attention; plain tensors pass through, DTensors get inferred placements."""
+
+    def __init__(self, inner: InnerAttention) -> None:
+        super().__init__()
+        for name in ("in_layout", "out_layout", "lse_layout"):
+            if not hasattr(inner, name):
+                raise TypeError(
+                    f"LocalMapAttention needs an inner attention that declares in_layout, "
+                    f"out_layout and lse_layout; {type(inner).__name__} has no {name}"
+                )
+        self.inner = inner
+        self._plans: dict[tuple, _Plan] = {}
+
+    @property
+    def name(self) -> str:
+        backend = getattr(self.inner, "backend", type(self.inner).__name__)
+        return f"LocalMapAttention({backend})"
+
+    def forward(self, q, k, v, mask: DocumentMask | None = None, **kwargs):
+        for key, value in kwargs.items():
+            if isinstance(value, DTensor):
+                raise PlacementError(
+                    f"{self.name}: keyword argument {key!r} is a DTensor; local_map maps only "
+                    f"positional q, k, v and the mask, so the kernel would get a DTensor. "
+                    f"Fix: pass it positionally or as a plain tensor."
+                )
+        is_dtensor = [isinstance(t, DTensor) for t in (q, k, v)]
+        if not any(is_dtensor):
+            return self.inner(q, k, v, mask, **kwargs)
+        if not all(is_dtensor):
+            kinds = ", ".join(
+                f"{n}={'DTensor' if d else type(t).__name__}" for n, t, d in zip("qkv", (q, k, v), is_dtensor)
+            )
+            raise PlacementError(
+                f"{self.name}: q, k and v must all be DTensors or all plain tensors, got {kinds}. "
+                f"Fix: distribute k and v on q's mesh (or pass all three as local tensors)."
+            )
+        if kwargs:
+            raise TypeError(
+                f"{self.name}: unexpected keyword arguments {sorted(kwargs)} with DTensor inputs; "
+                f"the wrapper derives sequence offsets itself"
+            )
+        key = self._key(q, k, v, mask)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(q, k, v, mask)
+        args = [q, k, v]
+        if mask is not None:
+            mesh = q.device_mesh
+            args += [_as_dtensor(mask.q_document_ids_BL, mesh), _as_dtensor(mask.kv_document_ids_BL, mesh)]
+        if plan.q_seq_index_L is not None:
+            args.append(plan.q_seq_index_L)
+        return plan.fn(*args)
+
+    # -- planning (once per signature) ----------------------------------------------------
+    @staticmethod
+    def _key(q, k, v, mask) -> tuple:
+        def sig(t):
+            return (t.device_mesh, tuple(t.placements), tuple(t.shape), t.dtype)
+
+        mask_sig = None
+        if mask is not None:
+            mask_sig = tuple(
+                (t.device_mesh, tuple(t.placements), tuple(t.shape)) if isinstance(t, DTensor) else tuple(t.shape)
+                for t in (mask.q_document_ids_BL, mask.kv_document_ids_BL)
+            ) + (type(mask),)
+        return (sig(q), sig(k), sig(v), mask_sig)
+
+    def _plan(self, q: DTensor, k: DTensor, v: DTensor, mask) -> _Plan:
+        placements = self.infer_placements(q, k, v)
+        mesh = q.device_mesh
+        layout = self.inner.in_layout
+        q_seq_index_L = None
+        if placements.cp_axes:
+            index_placements = [Shard(0) if i in placements.cp_axes else Replicate() for i in range(mesh.ndim)]
+            with torch.no_grad():
+                index_L = torch.arange(q.shape[layout.seq_dim], device=mesh.device_type)
+                q_seq_index_L = distribute_tensor(index_L, mesh, index_placements)
+        mask_placements = (
+            _bl_placements(placements.q, layout),
+            _bl_placements(placements.kv, layout),
+        )
+        num_out = 2 if placements.lse is not None else 1
+        out_placements = (placements.out, placements.lse) if num_out == 2 else placements.out
+        mask_type = None if mask is None else type(mask)
+        cp = bool(placements.cp_axes)
+
+        def run(q_local, k_local, v_local, *extra_locals):
+            extra = list(extra_locals)
+            local_mask, kwargs = None, {}
+            if mask_type is not None:
+                local_mask = mask_type(q_document_ids_BL=extra.pop(0), kv_document_ids_BL=extra.pop(0))
+            if cp:
+                kwargs["q_seq_index_L"] = extra.pop(0)
+            result = self.inner(q_local, k_local, v_local, local_mask, **kwargs)
+            self._check_local_shapes(q_local, result, num_out)
+            return result
+
+        in_pl = [placements.q, placements.kv, placements.kv]
+        grad_pl = [placements.q_grad, placements.kv_grad, placements.kv_grad]
+        if mask is not None:
+            in_pl += list(mask_placements)
+            grad_pl += list(mask_placements)  # integer ids: no gradient flows; local_map wants one
+        if q_seq_index_L is not None:
+            in_pl.append(tuple(q_seq_index_L.placements))
+            grad_pl.append(tuple(q_seq_index_L.placements))
+        mapped = local_map(
+            run,
+            out_placements=out_placements,
+            in_placements=tuple(in_pl),
+            in_grad_placements=tuple(grad_pl),
+            device_mesh=mesh,
+            redistribute_inputs=True,
+        )
+        return _Plan(placements, mapped, q_seq_index_L)
+
+    def infer_placements(self, q: DTensor, k: DTensor, v: DTensor) -> AttentionPlacements:
+        """Validate q/k/v and infer every placement at the boundary (pure over their metadata)."""
+        inner, layout = self.inner, self.inner.in_layout
+        mesh = q.device_mesh
+        for name, t in (("k", k), ("v", v)):
+            if t.device_mesh != mesh:
+                raise PlacementError(
+                    f"{self.name}: q is on {mesh} but {name} is on {t.device_mesh}. "
+                    f"Fix: put q, k and v on the same mesh."
+                )
+        ndim = layout.ndim
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != ndim:
+                raise PlacementError(
+                    f"{self.name}: {name} must be {layout.name} ({ndim} dims), got global shape "
+                    f"{tuple(t.shape)}. Fix: reshape to {layout.name}."
+                )
+        q_pl = normalize_placements(q.placements, ndim)
+        k_pl = normalize_placements(k.placements, ndim)
+        v_pl = normalize_placements(v.placements, ndim)
+        for name, pl in (("q", q_pl), ("k", k_pl), ("v", v_pl)):
+            self._check_placement_kinds(name, pl, layout)
+        if k_pl != v_pl:
+            raise PlacementError(
+                f"{self.name}: k and v must have the same placements in {layout.name}; expected "
+                f"v {format_placements(k_pl)}, got {format_placements(v_pl)}. Fix: distribute v like k."
+            )
+        seq_dim, heads_dim = layout.seq_dim, layout.heads_dim
+        cp_axes = tuple(i for i, p in enumerate(q_pl) if p == Shard(seq_dim))
+        expected_kv = tuple(p if i not in cp_axes else Shard(seq_dim) for i, p in enumerate(q_pl))
+        if k_pl != expected_kv:
+            raise PlacementError(
+                f"{self.name}: k/v placements must match q's in {layout.name} (heads sharded "
+                f"alike for TP, seq sharded alike for CP); expected {format_placements(expected_kv)}, "
+                f"got {format_placements(k_pl)} (q {format_placements(q_pl)}). "
+                f"Fix: distribute k and v with q's placements."
+            )
+        self._check_divisible(q, k, q_pl, layout, mesh)
+        kv_pl = tuple(Replicate() if i in cp_axes else p for i, p in enumerate(k_pl))
+        mesh_shape = tuple(mesh.shape)
+        out_pl = infer_out_placements(
+            q_pl, layout, inner.out_layout, global_shape=q.shape, mesh_shape=mesh_shape, module=self.name
+        )
+        lse_pl = None
+        if inner.lse_layout is not None:
+            lse_pl = infer_out_placements(
+                q_pl, layout, inner.lse_layout, global_shape=q.shape, mesh_shape=mesh_shape, module=self.name
+            )
+        kv_grad = tuple(Partial() if i in cp_axes else p for i, p in enumerate(k_pl))
+        return AttentionPlacements(q_pl, kv_pl, out_pl, lse_pl, q_pl, kv_grad, cp_axes)
+
+    def _check_placement_kinds(self, name: str, placements: Placements, layout: Layout) -> None:
+        allowed = {Shard(layout.index(d)) for d in (Dim.B, Dim.L, Dim.N)}
+        for axis, p in enumerate(placements):
+            if isinstance(p, Replicate) or p in allowed:
+                continue
+            if isinstance(p, Partial):
+                why = "Partial is a pending reduction; attention is not linear in q/k/v"
+                fix = f"redistribute {name} to Replicate or Shard before attention"
+            elif isinstance(p, Shard) and p.dim == layout.index(Dim.H):
+                why = "head_dim is contracted inside the kernel and cannot be split"
+                fix = f"shard heads (Shard({layout.heads_dim})) for TP or seq (Shard({layout.seq_dim})) for CP"
+            else:
+                why = "only batch, seq (CP) and heads (TP) may be sharded"
+                fix = f"use Shard({layout.heads_dim}) for heads or Shard({layout.seq_dim}) for seq"
+            raise PlacementError(
+                f"{self.name}: {name} in {layout.name} has {p} on mesh axis {axis} "
+                f"(placements {format_placements(placements)}); {why}. Expected Replicate, "
+                f"Shard({layout.index(Dim.B)}), Shard({layout.seq_dim}) or Shard({layout.heads_dim}). Fix: {fix}."
+            )
+
+    def _check_divisible(self, q, k, q_pl, layout: Layout, mesh) -> None:
+        for dim, what in ((layout.heads_dim, "heads"), (layout.seq_dim, "seq"), (layout.index(Dim.B), "batch")):
+            ways = 1
+            for axis, p in enumerate(q_pl):
+                if p == Shard(dim):
+                    ways *= mesh.shape[axis]
+            for name, t in (("q", q), ("k/v", k)):
+                if t.shape[dim] % ways:
+                    axes = [mesh.mesh_dim_names[a] if mesh.mesh_dim_names else a for a, p in enumerate(q_pl) if p == Shard(dim)]
+                    raise PlacementError(
+                        f"{self.name}: {name} has {t.shape[dim]} {what} in {layout.name}, not divisible by "
+                        f"the {ways} ranks of mesh axes {axes} that shard it. Fix: choose a "
+                        f"{what} count divisible by {ways}, or a smaller degree on {axes}."
+                    )
+
+    def _check_local_shapes(self, q_local: torch.Tensor, result, num_out: int) -> None:
+        inner = self.inner
+        outputs = result if num_out == 2 else (result,)
+        if num_out == 2 and not (isinstance(result, tuple) and len(result) == 2):
+            raise PlacementError(f"{self.name}: return_lse is set, so the kernel must return (out, lse); got {type(result).__name__}")
+        sizes = inner.in_layout.atom_sizes(tuple(q_local.shape))
+        layouts = (inner.out_layout, inner.lse_layout)
+        for what, t, out_layout in zip(("output", "lse"), outputs, layouts):
+            expected = out_layout.shape(sizes)
+            if tuple(t.shape) != expected:
+                raise PlacementError(
+                    f"{self.name}: the kernel returned a local {what} of shape {tuple(t.shape)}, but "
+                    f"it declares {out_layout.name}, which for local q {tuple(q_local.shape)} is "
+                    f"{expected}. Fix: make the kernel return {out_layout.name}, or declare the "
+                    f"layout it returns (out_layout/lse_layout)."
+                )
+
+
+def _bl_placements(placements: Placements, layout: Layout) -> Placements:
+    """Placements of a (B, L) per-token tensor that lines up with a tensor of ``layout``."""
+    batch_dim, seq_dim = layout.index(Dim.B), layout.seq_dim
+    out: list[Placement] = []
+    for p in placements:
+        if p == Shard(batch_dim):
+            out.append(Shard(0))
+        elif p == Shard(seq_dim):
+            out.append(Shard(1))
+        else:
+            out.append(Replicate())
+    return tuple(out)
+
+
+def _as_dtensor(t: torch.Tensor, mesh) -> DTensor:
+    """A global (B, L) tensor as a DTensor (replicated; local_map slices it as needed)."""
+    if isinstance(t, DTensor):
+        return t
+    return distribute_tensor(t, mesh, [Replicate()] * mesh.ndim)
