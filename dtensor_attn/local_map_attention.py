@@ -25,6 +25,7 @@ from dtensor_attn._compat import Partial, Placement, Replicate, Shard
 from dtensor_attn.backends.base import InnerAttention
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
+from dtensor_attn.load_balance import SeqOrder, seq_permutation
 from dtensor_attn.masks import DocumentMask
 from dtensor_attn.placements import (
     Placements,
@@ -51,14 +52,15 @@ class AttentionPlacements:
 class _Plan:
     placements: AttentionPlacements
     fn: Callable
-    q_seq_index_L: DTensor | None
+    seq_index_args: tuple[DTensor, ...]  # (q_seq_index_L, kv_seq_index_L) under CP, else ()
 
 
 class LocalMapAttention(nn.Module):
     """Wraps an inner attention; plain tensors pass through, DTensors get inferred placements."""
 
-    def __init__(self, inner: InnerAttention) -> None:
+    def __init__(self, inner: InnerAttention, *, seq_order: SeqOrder = SeqOrder.CONTIGUOUS) -> None:
         super().__init__()
+        self.seq_order = seq_order
         for name in ("in_layout", "out_layout", "lse_layout"):
             if not hasattr(inner, name):
                 raise TypeError(
@@ -105,9 +107,7 @@ class LocalMapAttention(nn.Module):
         if mask is not None:
             mesh = q.device_mesh
             args += [_as_dtensor(mask.q_document_ids_BL, mesh), _as_dtensor(mask.kv_document_ids_BL, mesh)]
-        if plan.q_seq_index_L is not None:
-            args.append(plan.q_seq_index_L)
-        return plan.fn(*args)
+        return plan.fn(*args, *plan.seq_index_args)
 
     # -- planning (once per signature) ----------------------------------------------------
     @staticmethod
@@ -127,18 +127,16 @@ class LocalMapAttention(nn.Module):
         placements = self.infer_placements(q, k, v)
         mesh = q.device_mesh
         layout = self.inner.in_layout
-        q_seq_index_L = None
+        seq_index_args: tuple[DTensor, ...] = ()
         if placements.cp_axes:
-            index_placements = [Shard(0) if i in placements.cp_axes else Replicate() for i in range(mesh.ndim)]
-            with torch.no_grad():
-                index_L = torch.arange(q.shape[layout.seq_dim], device=mesh.device_type)
-                q_seq_index_L = distribute_tensor(index_L, mesh, index_placements)
+            seq_index_args = self._seq_index_args(q, placements.cp_axes)
         mask_placements = (
             _bl_placements(placements.q, layout),
             _bl_placements(placements.kv, layout),
         )
         num_out = 2 if placements.lse is not None else 1
-        out_placements = (placements.out, placements.lse) if num_out == 2 else placements.out
+        # local_map reads a tuple as one entry per output: a single output's placements go as a list.
+        out_placements = (placements.out, placements.lse) if num_out == 2 else list(placements.out)
         mask_type = None if mask is None else type(mask)
         cp = bool(placements.cp_axes)
 
@@ -148,7 +146,7 @@ class LocalMapAttention(nn.Module):
             if mask_type is not None:
                 local_mask = mask_type(q_document_ids_BL=extra.pop(0), kv_document_ids_BL=extra.pop(0))
             if cp:
-                kwargs["q_seq_index_L"] = extra.pop(0)
+                kwargs["q_seq_index_L"], kwargs["kv_seq_index_L"] = extra
             result = self.inner(q_local, k_local, v_local, local_mask, **kwargs)
             self._check_local_shapes(q_local, result, num_out)
             return result
@@ -158,9 +156,9 @@ class LocalMapAttention(nn.Module):
         if mask is not None:
             in_pl += list(mask_placements)
             grad_pl += list(mask_placements)  # integer ids: no gradient flows; local_map wants one
-        if q_seq_index_L is not None:
-            in_pl.append(tuple(q_seq_index_L.placements))
-            grad_pl.append(tuple(q_seq_index_L.placements))
+        for index in seq_index_args:
+            in_pl.append(tuple(index.placements))
+            grad_pl.append(tuple(index.placements))
         mapped = local_map(
             run,
             out_placements=out_placements,
@@ -169,7 +167,24 @@ class LocalMapAttention(nn.Module):
             device_mesh=mesh,
             redistribute_inputs=True,
         )
-        return _Plan(placements, mapped, q_seq_index_L)
+        return _Plan(placements, mapped, seq_index_args)
+
+    def _seq_index_args(self, q: DTensor, cp_axes: tuple[int, ...]) -> tuple[DTensor, DTensor]:
+        """Global sequence index of each q token (sharded like q's seq) and of each gathered
+        k/v token (replicated): causal masks compare these, so every rank masks correctly."""
+        mesh = q.device_mesh
+        seq_len = q.shape[self.inner.in_layout.seq_dim]
+        cp_degree = 1
+        for axis in cp_axes:
+            cp_degree *= mesh.shape[axis]
+        with torch.no_grad():
+            index_L = seq_permutation(self.seq_order, seq_len, cp_degree, device=mesh.device_type)
+            if index_L is None:
+                index_L = torch.arange(seq_len, device=mesh.device_type)
+            q_placements = [Shard(0) if i in cp_axes else Replicate() for i in range(mesh.ndim)]
+            q_index_L = distribute_tensor(index_L, mesh, q_placements)
+            kv_index_L = distribute_tensor(index_L, mesh, [Replicate()] * mesh.ndim)
+        return q_index_L, kv_index_L
 
     def infer_placements(self, q: DTensor, k: DTensor, v: DTensor) -> AttentionPlacements:
         """Validate q/k/v and infer every placement at the boundary (pure over their metadata)."""
