@@ -29,7 +29,15 @@ from torch.distributed._local_tensor import (  # noqa: F401  (re-exported)
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
 
 __all__ = [
+    "FLEX_CP_HOOK_TRAILING_ARGS",
+    "enable_ring_attention",
+    "packed_strided_shard_probe",
+    "packed_strided_shard_usable",
+    "ring_attention_runs_on",
+    "ring_load_balance",
+    "collective_counts",
     "FakeStore",
+    "accepts_keyword",
     "LocalTensor",
     "LocalTensorMode",
     "Partial",
@@ -42,12 +50,15 @@ __all__ = [
     "input_dim",
     "local_tensor_mode_active",
     "maybe_disable_local_tensor_mode",
+    "local_map_call",
     "propagate_view_placements",
+    "rank_tensors",
     "split_factor",
     "strided_shard",
+    "torch_shard_order",
     "varlen_attn_or_none",
-    "varlen_supports_gqa",
     "view_groups",
+    "view_sources",
 ]
 
 InputDim = _view_ops.InputDim
@@ -113,11 +124,10 @@ def varlen_attn_or_none():
     return varlen_attn
 
 
-@functools.cache
-def varlen_supports_gqa() -> bool:
-    """torch 2.11's varlen_attn has no ``enable_gqa``: k/v heads must be expanded there."""
-    fn = varlen_attn_or_none()
-    return fn is not None and "enable_gqa" in inspect.signature(fn).parameters
+@functools.lru_cache(maxsize=16)
+def accepts_keyword(fn, keyword: str) -> bool:
+    """Whether ``fn`` takes ``keyword`` (torch 2.11's varlen_attn has no ``enable_gqa``)."""
+    return keyword in inspect.signature(fn).parameters
 
 
 def flex_attention_with_lse(flex_fn, *args, **kwargs):
@@ -139,3 +149,158 @@ def context_parallel_style():
 
     return _ContextParallel
 
+
+# --- context parallel: torch's CP switches and the _StridedShard probe ---------------------
+
+# torch's flex CP hook reads q, k, v at flex_attention's positions (query, key, value,
+# score_mod, block_mask); some versions assert that block_mask is a BlockMask or a tuple.
+# Padding the call with these satisfies every version; the hook user drops them afterwards.
+FLEX_CP_HOOK_TRAILING_ARGS = (None, ())
+
+
+def _cp_attention_module():
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    return _attention
+
+
+def enable_ring_attention(*, load_balance: bool) -> None:
+    """Route DTensor sdpa to torch's ring attention, with or without head-tail load balance.
+
+    Both are process-wide switches inside torch (its dispatcher table and ``_cp_options``)."""
+    attention = _cp_attention_module()
+    attention._enable_context_parallel_dispatcher()
+    attention._cp_options.enable_load_balance = load_balance
+
+
+def ring_load_balance() -> bool:
+    """torch's process-wide ring-attention load-balance switch, as it is now."""
+    return bool(_cp_attention_module()._cp_options.enable_load_balance)
+
+
+def ring_attention_runs_on(device_type: str) -> bool:
+    """Whether torch's CP dispatcher reroutes this device's sdpa op to ring attention (not CPU:
+    it handles the flash/efficient/cudnn CUDA ops only)."""
+    handled = {str(op) for op in getattr(_cp_attention_module(), "custom_ops", {})}
+    op = {"cpu": "aten._scaled_dot_product_flash_attention_for_cpu.default"}.get(device_type)
+    return op is not None and op in handled
+
+
+@functools.cache
+def packed_strided_shard_probe() -> tuple[bool, str]:
+    """(usable, why): can this torch redistribute (e.g. ``full_tensor()``) a tensor placed
+    ``_StridedShard(0, sf=2)`` on a 1-D mesh of 2, the placement of varlen's packed TNH output
+    under CP with a local batch of 2? Run once, by behaviour: DTensor plans that redistribution
+    on a mesh built without process groups. torch 2.11 raises "use_strided_shard_as_shard_order
+    is True, but placements: (_StridedShard(dim=0, sf=2),) is unable to be interpreted into a
+    corresponding shard_order"; torch 2.13 falls back to a plan that works."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    try:
+        mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False, _rank=0)
+    except TypeError:  # no _rank keyword: the rank then comes from the (initialised) default group
+        mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False)
+    meta = TensorMeta(torch.Size([8]), (1,), torch.float32)
+    plan = getattr(_redistribute, "_gen_transform_infos_non_cached", _redistribute._gen_transform_infos)
+    try:
+        src = DTensorSpec(mesh, (strided_shard(0, 2),), tensor_meta=meta)
+        plan(src, DTensorSpec(mesh, (Replicate(),), tensor_meta=meta))
+    except (ValueError, RuntimeError, NotImplementedError, AssertionError) as error:
+        return False, f"{type(error).__name__}: {error}"
+    return True, "DTensor plans the redistribution of _StridedShard(0, sf=2)"
+
+
+def packed_strided_shard_usable() -> bool:
+    """True where a _StridedShard(0, sf=B) packed output can be used downstream (see the probe)."""
+    return packed_strided_shard_probe()[0]
+
+
+
+# --- dtensor_attn.explain: the debugger's windows into torch internals ---------------------
+
+
+@functools.cache
+def _local_map_codes() -> frozenset:
+    """Code objects of the function ``local_map`` runs per call: ``_local_map_wrapped`` behind a
+    functools.partial (2.13), or the closure ``wrapped`` inside ``local_map`` (older torch)."""
+    from torch.distributed.tensor.experimental import _func_map
+
+    codes = {c for c in _func_map.local_map.__code__.co_consts if inspect.iscode(c)}
+    codes = {c for c in codes if c.co_name == "wrapped"}
+    wrapped = getattr(_func_map, "_local_map_wrapped", None)
+    if wrapped is not None:
+        codes.add(wrapped.__code__)
+    return frozenset(codes)
+
+
+def local_map_call(frame) -> dict | None:
+    """The kernel, declared placements, mesh and arguments of a local_map call, read from the
+    frame of torch's wrapper (None for any other frame). Older torch keeps them as closure
+    variables, which ``f_locals`` also shows."""
+    if frame.f_code not in _local_map_codes():
+        return None
+    names = ("func", "out_placements", "in_placements", "in_grad_placements", "device_mesh", "args")
+    local_vars = frame.f_locals
+    return {name: local_vars.get(name) for name in names}
+
+
+def view_sources(from_shape: Sequence[int], to_shape: Sequence[int]) -> tuple:
+    """For each dim of a view ``from_shape -> to_shape``, the input dims it is made of, read from
+    DTensor's view rule: ``(i,)`` kept, ``(i, j)`` flattened, None part of a split or unknown.
+    Size-1 input dims the rule drops are paired, in order, with size-1 output dims."""
+    rule = view_groups(tuple(from_shape), tuple(to_shape))
+    sources: list = []
+    for spec in rule:
+        if isinstance(spec, InputDim):
+            sources.append((spec.input_dim,))
+        elif isinstance(spec, _view_ops.Flatten) and all(
+            isinstance(d, InputDim) for d in spec.input_dims
+        ):
+            sources.append(tuple(d.input_dim for d in spec.input_dims))
+        elif isinstance(spec, _view_ops.Singleton):
+            sources.append(())
+        else:
+            sources.append(None)
+    used = {i for s in sources if s for i in s}
+    dropped = [i for i, size in enumerate(from_shape) if size == 1 and i not in used]
+    for j, s in enumerate(sources):
+        if s == ():
+            sources[j] = (dropped.pop(0),) if dropped else None
+    return tuple(sources)
+
+
+def rank_tensors(tensor: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each simulated rank's tensor inside a LocalTensor; ``{0: tensor}`` for a plain tensor."""
+    if isinstance(tensor, LocalTensor):
+        return dict(tensor._local_tensors)
+    return {0: tensor}
+
+
+def torch_shard_order(placements: Sequence[Placement], mesh_shape: Sequence[int]):
+    """torch's own decoding of _StridedShard placements into a shard order, as
+    ``((dim, axes), ...)``, or None where torch cannot decode it (to check the explainer)."""
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+    class _Sizes:  # the decoder only asks the mesh for axis sizes
+        def size(self, axis: int) -> int:
+            return mesh_shape[axis]
+
+    order = DTensorSpec._maybe_convert_StridedShard_to_shard_order(tuple(placements), _Sizes())
+    return None if order is None else tuple((e.tensor_dim, tuple(e.mesh_dims)) for e in order)
+
+
+def collective_counts() -> list[tuple[tuple[int, ...], int]]:
+    """(global ranks, collectives issued so far) of every process group this rank belongs to,
+    in creation order; [] where this torch cannot tell. Ranks compare these after each test:
+    members of one group that issued different numbers of collectives are out of step."""
+    from torch.distributed.distributed_c10d import _world, get_process_group_ranks
+
+    counts = []
+    for group in list(_world.pg_names):
+        try:
+            counts.append((tuple(get_process_group_ranks(group)), group._get_sequence_number_for_group()))
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return counts

@@ -103,16 +103,17 @@ class VarlenAttention(InnerAttention):
             # Context parallel: each query run needs its document's keys up to its last query.
             k_TNH = k_TNH.index_select(0, segments.kv_token_index_T)
             v_TNH = v_TNH.index_select(0, segments.kv_token_index_T)
+        varlen_attn = _compat.varlen_attn_or_none()
         gqa = {}
         if q_TNH.shape[1] != k_TNH.shape[1]:
-            if _compat.varlen_supports_gqa():
+            if _compat.accepts_keyword(varlen_attn, "enable_gqa"):
                 gqa = {"enable_gqa": True}
             else:  # torch 2.11: no enable_gqa keyword, expand k/v heads here instead
                 k_TNH = expand_kv_heads(k_TNH, q_TNH.shape[1], enable_gqa=cfg.enable_gqa)
                 v_TNH = expand_kv_heads(v_TNH, q_TNH.shape[1], enable_gqa=cfg.enable_gqa)
         from torch.nn.attention.varlen import AuxRequest
 
-        out_TNH, lse = _compat.varlen_attn_or_none()(
+        out_TNH, lse = varlen_attn(
             q_TNH,
             k_TNH,
             v_TNH,

@@ -1,0 +1,100 @@
+"""Float64 single-device references for attention tests, built from the same global tensors.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+Tests make global q/k/v here, distribute them, and compare every rank's full result with the
+reference computed here, unsharded, by the math kernel in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from dtensor_attn._compat import maybe_disable_local_tensor_mode
+from dtensor_attn.backends.math_kernel import allowed_mask, math_attention
+from dtensor_attn.layout import Layout
+from dtensor_attn.masks import DocumentMask
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttentionInputs:
+    """Global q/k/v in BLNH (float64), and per-token positions for packed documents."""
+
+    q_BLNH: torch.Tensor
+    k_BLNH: torch.Tensor
+    v_BLNH: torch.Tensor
+    positions_BL: torch.Tensor | None
+
+
+def make_inputs(
+    *,
+    batch: int = 2,
+    seq: int = 8,
+    num_q_heads: int = 8,
+    num_kv_heads: int = 8,
+    head_dim: int = 8,
+    documents: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> AttentionInputs:
+    """Deterministic inputs (the same on every rank). With ``documents``, each row is packed
+    with documents of uneven lengths, cut at different places in each row."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        # Simulated ranks draw random numbers per rank: draw outside them, once, for all ranks.
+        with maybe_disable_local_tensor_mode():
+            return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    q_BLNH = randn(batch, seq, num_q_heads, head_dim)
+    k_BLNH = randn(batch, seq, num_kv_heads, head_dim)
+    v_BLNH = randn(batch, seq, num_kv_heads, head_dim)
+    positions_BL = None
+    if documents:
+        rows = []
+        for b in range(batch):
+            cut_a, cut_b = (seq * (b + 1)) // (batch + 3) + 1, (seq * 2) // 3 + b % 2
+            starts = sorted({0, cut_a, max(cut_a + 1, cut_b)} - {seq})
+            row = torch.arange(seq)
+            for start in starts:
+                row[start:] = torch.arange(seq - start)
+            rows.append(row)
+        positions_BL = torch.stack(rows)
+    return AttentionInputs(q_BLNH, k_BLNH, v_BLNH, positions_BL)
+
+
+def reference_attention(
+    inputs: AttentionInputs,
+    *,
+    is_causal: bool = True,
+    scale: float | None = None,
+    use_documents: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_BLNH, lse_BLN) in float64, unsharded."""
+    q_BNLH, k_BNLH, v_BNLH = (t.double().transpose(1, 2) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    mask = None
+    if use_documents and inputs.positions_BL is not None:
+        mask = DocumentMask.from_positions(inputs.positions_BL)
+    seq = q_BNLH.shape[2]
+    allowed_BLL = allowed_mask(
+        is_causal=is_causal, num_q=seq, num_kv=seq, mask=mask,
+        q_seq_index_L=None, kv_seq_index_L=None, device=q_BNLH.device,
+    )
+    scale = scale if scale is not None else 1.0 / math.sqrt(q_BNLH.shape[-1])
+    out_BNLH, lse_BNL = math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=True)
+    return out_BNLH.transpose(1, 2), lse_BNL.transpose(1, 2)
+
+
+def to_layout(t_BLNH: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A BLNH tensor (or a BLN LSE) in another layout of the same values."""
+    if layout in (Layout.BLNH, Layout.BLN):
+        return t_BLNH
+    if layout in (Layout.BNLH, Layout.BNL):
+        return t_BLNH.transpose(1, 2)
+    if layout in (Layout.TNH, Layout.TN):
+        return t_BLNH.reshape(t_BLNH.shape[0] * t_BLNH.shape[1], *t_BLNH.shape[2:])
+    raise ValueError(f"no conversion from BLNH to {layout!r}")
