@@ -150,8 +150,48 @@ def infer_out_placements(
     if out_shape != shape:
         _check_even_flatten(placements, atoms, sizes, mesh_shape, out_layout, module)
         rule = _compat.view_groups(shape, out_shape)
-        _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+        try:
+            _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+        except RuntimeError:
+            # torch 2.11 refuses to flatten a sharded non-leading dim ("Attempted to flatten
+            # multiple dimensions, with dimension 1 being sharded"); 2.13 returns the strided
+            # shard. The rule below gives 2.13's answer, pinned by the same table in tests.
+            placements = _flatten_tokens(placements, atoms, sizes, mesh_shape, out_layout, module)
     return normalize_placements(placements, out_layout.ndim)
+
+
+def _flatten_tokens(
+    placements: Placements,
+    atoms: tuple[Dim, ...],
+    sizes: dict[Dim, int],
+    mesh_shape: Sequence[int],
+    out_layout: Layout,
+    module: str,
+) -> Placements:
+    """Placements after folding (B, L) into T, for atoms already in the output's order.
+
+    A shard of B stays a plain shard of T. A shard of L becomes ``_StridedShard(T, sf)``: sf is
+    the number of batch rows each shard of L is split across, i.e. B divided by the batch
+    shards of earlier mesh axes (the local batch when batch is sharded first).
+    """
+    batch_axes = sharded_mesh_axes(placements, atoms.index(Dim.B))
+    token_dim = out_layout.dims.index(Dim.T)
+    out: list[Placement] = []
+    for axis, p in enumerate(placements):
+        if not isinstance(p, Shard):
+            out.append(p)
+            continue
+        atom = atoms[p.dim]
+        if atom is Dim.B:
+            out.append(Shard(token_dim))
+        elif atom is Dim.L:
+            rows = sizes[Dim.B]
+            for earlier in (a for a in batch_axes if a < axis):
+                rows //= mesh_shape[earlier]
+            out.append(_compat.strided_shard(token_dim, rows) if rows > 1 else Shard(token_dim))
+        else:
+            out.append(Shard(out_layout.dims.index(atom)))
+    return tuple(out)
 
 
 def _reindex(placement: Placement, kept: list[int]) -> Placement:

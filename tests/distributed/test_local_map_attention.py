@@ -48,9 +48,13 @@ def test_seed_bug_copied_placements_are_caught_and_ours_are_right(mesh):
     )
     bad_TNH = buggy(q, k, v)
     assert tuple(bad_TNH.shape) == (B * L, num_heads // 8, H * 8)  # head_dim x tp: a wrong global shape
-    bad_BLD = bad_TNH.view(B, L, -1)
-    with pytest.raises(AssertionError):
-        assert_dtensor_close(bad_BLD, out_ref_BLNH.reshape(B, L, -1), **TOL)
+    try:
+        bad_BLD = bad_TNH.view(B, L, -1)
+    except RuntimeError as e:  # torch 2.11: the view itself fails, far from the cause
+        assert "flatten multiple dimensions" in str(e)
+    else:  # torch 2.13: the view succeeds with a _StridedShard and silently wrong values
+        with pytest.raises(AssertionError):
+            assert_dtensor_close(bad_BLD, out_ref_BLNH.reshape(B, L, -1), **TOL)
 
     out_TNH = _varlen_packed()(q, k, v)
     assert_placements(out_TNH, (Shard(1),))

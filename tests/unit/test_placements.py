@@ -121,3 +121,35 @@ dp2xcp2xtp2  BLNH (S(0), S(1), S(2)) -> TNH  (S(0), _S(0, 2), S(1))
 dp2xcp2xtp2  BLNH (S(0), S(1), S(2)) -> BLN  (S(0), S(1), S(2))
 dp2xcp2xtp2  BLNH (S(0), S(1), S(2)) -> BNL  (S(0), S(2), S(1))
 dp2xcp2xtp2  BLNH (S(0), S(1), S(2)) -> TN   (S(0), _S(0, 2), S(1))""")
+
+
+FLATTEN_CASES = [
+    ((8,), (Shard(2),)), ((2,), (Shard(1),)), ((2, 4), (Shard(1), Shard(2))),
+    ((2, 2, 2), (Shard(0), Shard(1), Shard(2))), ((2, 2), (Shard(0), Shard(1))), ((4,), (Replicate(),)),
+    ((2, 2), (Shard(1), Shard(0))), ((2, 2, 2), (Shard(1), Shard(0), Shard(2))), ((2, 2), (Shard(1), Shard(1))),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("mesh_shape,placements", FLATTEN_CASES, ids=lambda x: format_placements(x) if isinstance(x[0], object) and not isinstance(x[0], int) else str(x))
+def test_own_flatten_rule_equals_torch_view_algebra(monkeypatch, mesh_shape, placements, batch):
+    """torch 2.11's view algebra refuses to fold a sharded seq into tokens; our rule takes over
+    there. Where torch answers (2.13), both must agree, errors included."""
+    from dtensor_attn import _compat
+
+    def run():
+        try:
+            return infer_out_placements(placements, Layout.BLNH, Layout.TNH, global_shape=(batch, 16, 8, 32), mesh_shape=mesh_shape)
+        except PlacementError as e:
+            return type(e)
+
+    torch_answer = run()
+    real = _compat.propagate_view_placements
+
+    def refuse_flatten(p, shape, rule, mesh):
+        if any(type(r).__name__ == "Flatten" for r in rule):
+            raise RuntimeError("Attempted to flatten multiple dimensions, with dimension 1 being sharded.")
+        return real(p, shape, rule, mesh)
+
+    monkeypatch.setattr(_compat, "propagate_view_placements", refuse_flatten)
+    assert run() == torch_answer
