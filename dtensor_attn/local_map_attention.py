@@ -139,6 +139,14 @@ class LocalMapAttention(nn.Module):
         out_placements = (placements.out, placements.lse) if num_out == 2 else list(placements.out)
         mask_type = None if mask is None else type(mask)
         cp = bool(placements.cp_axes)
+        # Local shapes are fixed by the key (global shapes and placements): derive them once.
+        local_q_shape = tuple(q.to_local().shape)
+        sizes = self.inner.in_layout.atom_sizes(local_q_shape)
+        expected_shapes = tuple(
+            (what, layout, layout.shape(sizes))
+            for what, layout in (("output", self.inner.out_layout), ("lse", self.inner.lse_layout))
+            if layout is not None
+        )
 
         def run(q_local, k_local, v_local, *extra_locals):
             extra = list(extra_locals)
@@ -148,7 +156,7 @@ class LocalMapAttention(nn.Module):
             if cp:
                 kwargs["q_seq_index_L"], kwargs["kv_seq_index_L"] = extra
             result = self.inner(q_local, k_local, v_local, local_mask, **kwargs)
-            self._check_local_shapes(q_local, result, num_out)
+            self._check_local_shapes(local_q_shape, result, expected_shapes)
             return result
 
         in_pl = [placements.q, placements.kv, placements.kv]
@@ -272,20 +280,18 @@ class LocalMapAttention(nn.Module):
                         f"{what} count divisible by {ways}, or a smaller degree on {axes}."
                     )
 
-    def _check_local_shapes(self, q_local: torch.Tensor, result, num_out: int) -> None:
-        inner = self.inner
-        outputs = result if num_out == 2 else (result,)
-        if num_out == 2 and not (isinstance(result, tuple) and len(result) == 2):
-            raise PlacementError(f"{self.name}: return_lse is set, so the kernel must return (out, lse); got {type(result).__name__}")
-        sizes = inner.in_layout.atom_sizes(tuple(q_local.shape))
-        layouts = (inner.out_layout, inner.lse_layout)
-        for what, t, out_layout in zip(("output", "lse"), outputs, layouts):
-            expected = out_layout.shape(sizes)
+    def _check_local_shapes(self, local_q_shape, result, expected_shapes) -> None:
+        outputs = result if len(expected_shapes) == 2 else (result,)
+        if len(expected_shapes) == 2 and not (isinstance(result, tuple) and len(result) == 2):
+            raise PlacementError(
+                f"{self.name}: return_lse is set, so the kernel must return (out, lse); got {type(result).__name__}"
+            )
+        for t, (what, layout, expected) in zip(outputs, expected_shapes):
             if tuple(t.shape) != expected:
                 raise PlacementError(
                     f"{self.name}: the kernel returned a local {what} of shape {tuple(t.shape)}, but "
-                    f"it declares {out_layout.name}, which for local q {tuple(q_local.shape)} is "
-                    f"{expected}. Fix: make the kernel return {out_layout.name}, or declare the "
+                    f"it declares {layout.name}, which for local q {local_q_shape} is "
+                    f"{expected}. Fix: make the kernel return {layout.name}, or declare the "
                     f"layout it returns (out_layout/lse_layout)."
                 )
 

@@ -31,6 +31,8 @@ class FlexAttention(InnerAttention):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._compiled_flex = None
+        # Plain causal block masks depend only on shapes: build each once, not per call.
+        self._causal_block_masks: dict[tuple, object] = {}
 
     @property
     def lse_layout(self) -> Layout | None:
@@ -62,7 +64,13 @@ class FlexAttention(InnerAttention):
         if not self.uses_native_kernel(device):
             allowed_BLL = self.allowed(num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
             return math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
-        block_mask = self._block_mask(q_BNLH.shape[0], num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+        if mask is None and q_seq_index_L is None and kv_seq_index_L is None:
+            key = (num_q, num_kv, device)
+            block_mask = self._causal_block_masks.get(key)
+            if block_mask is None:
+                block_mask = self._causal_block_masks[key] = self._block_mask(1, num_q, num_kv, None, None, None, device)
+        else:
+            block_mask = self._block_mask(q_BNLH.shape[0], num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
         out_BNLH, lse_BNL = _compat.flex_attention_with_lse(
             self._flex_fn(device),
             q_BNLH,
