@@ -4,6 +4,9 @@ Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D mo
 T packed tokens (B*L).
 
 Run (2 GPUs, TP=2):  torchrun --nproc-per-node 2 benchmarks/wrapper_overhead.py
+One GPU, TP=2 shards: torchrun --nproc-per-node 1 benchmarks/wrapper_overhead.py --shard-heads 2
+  (a 1-rank mesh whose local tensors have the shapes of one TP=2 rank: in TP the wrapper runs
+  no collective, so this measures the same per-rank work and wrapper path)
 CPU smoke check:     torchrun --nproc-per-node 2 benchmarks/wrapper_overhead.py --device cpu --small-only
 
 For each backend and shape: forward + backward time of the wrapped call on TP DTensors
@@ -64,9 +67,9 @@ def _host_forward_us(fn, args, device, calls: int) -> float:
     return elapsed / calls * 1e6
 
 
-def bench(backend, shape_name, mesh, device, dtype, repeats):
+def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
     batch, seq, num_q_heads, num_kv_heads, head_dim = SHAPES[shape_name]
-    tp = mesh.size()
+    tp = max(mesh.size(), shard_heads)
     config = AttentionConfig(backend=backend, enable_gqa=num_q_heads != num_kv_heads)
     inner = config.build()
     wrapped = LocalMapAttention(inner)
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small-only", action="store_true", help="skip the large shape (CPU smoke check)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--shard-heads", type=int, default=1, help="local heads = heads / max(world size, this)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -111,11 +115,12 @@ def main() -> None:
         for backend in REGISTRY:
             if device.type == "cpu" and backend.value != "sdpa":
                 continue  # CPU flex/varlen are the math kernel: not what this measures
-            d, w, hd, hw = bench(backend, shape_name, mesh, device, dtype, args.repeats)
+            d, w, hd, hw = bench(backend, shape_name, mesh, device, dtype, args.repeats, args.shard_heads)
             rows.append((str(backend), shape_name, d * 1e3, w * 1e3, w / d, hd, hw))
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        print(f"# {name} x{dist.get_world_size()}, torch {torch.__version__}, {dtype}, TP={mesh.size()}")
+        tp = max(mesh.size(), args.shard_heads)
+        print(f"# {name} x{dist.get_world_size()}, torch {torch.__version__}, {dtype}, local shards of TP={tp}")
         print("| backend | shape | direct fwd+bwd ms | wrapped fwd+bwd ms | ratio | host fwd us direct | host fwd us wrapped |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for backend, shape_name, d, w, ratio, hd, hw in rows:
