@@ -33,8 +33,10 @@ __all__ = [
     "enable_ring_attention",
     "packed_strided_shard_probe",
     "packed_strided_shard_usable",
+    "probe_strided_shard_redistribution",
     "ring_attention_runs_on",
     "ring_load_balance",
+    "simulate_cp_all_gather",
     "collective_counts",
     "FakeStore",
     "accepts_keyword",
@@ -45,6 +47,7 @@ __all__ = [
     "Replicate",
     "Shard",
     "StridedShard",
+    "TorchDispatchMode",
     "context_parallel_style",
     "flex_attention_with_lse",
     "input_dim",
@@ -56,6 +59,7 @@ __all__ = [
     "split_factor",
     "strided_shard",
     "torch_shard_order",
+    "tree_leaves",
     "varlen_attn_or_none",
     "view_groups",
     "view_sources",
@@ -194,21 +198,29 @@ def packed_strided_shard_probe() -> tuple[bool, str]:
     on a mesh built without process groups. torch 2.11 raises "use_strided_shard_as_shard_order
     is True, but placements: (_StridedShard(dim=0, sf=2),) is unable to be interpreted into a
     corresponding shard_order"; torch 2.13 falls back to a plan that works."""
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import _redistribute
+
+    plan = getattr(_redistribute, "_gen_transform_infos_non_cached", None) or _redistribute._gen_transform_infos
+    return probe_strided_shard_redistribution(plan)
+
+
+def probe_strided_shard_redistribution(plan) -> tuple[bool, str]:
+    """The probe behind packed_strided_shard_probe, with DTensor's planner passed in (tests
+    hand it one that fails as torch 2.11's does)."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-    try:
-        mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False, _rank=0)
-    except TypeError:  # no _rank keyword: the rank then comes from the (initialised) default group
-        mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False)
-    meta = TensorMeta(torch.Size([8]), (1,), torch.float32)
-    plan = getattr(_redistribute, "_gen_transform_infos_non_cached", _redistribute._gen_transform_infos)
-    try:
-        src = DTensorSpec(mesh, (strided_shard(0, 2),), tensor_meta=meta)
-        plan(src, DTensorSpec(mesh, (Replicate(),), tensor_meta=meta))
-    except (ValueError, RuntimeError, NotImplementedError, AssertionError) as error:
-        return False, f"{type(error).__name__}: {error}"
+    with maybe_disable_local_tensor_mode():
+        try:
+            mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False, _rank=0)
+        except TypeError:  # no _rank keyword: the rank comes from the (initialised) default group
+            mesh = DeviceMesh("cpu", torch.arange(2), _init_backend=False)
+        meta = TensorMeta(torch.Size([8]), (1,), torch.float32)
+        try:
+            src = DTensorSpec(mesh, (strided_shard(0, 2),), tensor_meta=meta)
+            plan(src, DTensorSpec(mesh, (Replicate(),), tensor_meta=meta))
+        except (ValueError, RuntimeError, NotImplementedError, AssertionError) as error:
+            return False, f"{type(error).__name__}: {error}"
     return True, "DTensor plans the redistribution of _StridedShard(0, sf=2)"
 
 
@@ -217,8 +229,39 @@ def packed_strided_shard_usable() -> bool:
     return packed_strided_shard_probe()[0]
 
 
+@functools.cache
+def simulate_cp_all_gather() -> None:
+    """Teach simulated ranks torch's CP all-gather (once per process).
+
+    Under LocalTensorMode, torch runs its custom op ``cplib::flex_cp_allgather`` (and its
+    backward) once per rank on the fake group, so each rank silently gets its own chunk
+    repeated instead of every rank's keys (measured, torch 2.13). These rules run the same
+    gather / reduce-scatter through functional collectives, which LocalTensorMode simulates;
+    under a real process group torch's op runs unchanged."""
+    import torch.distributed._functional_collectives as funcol
+
+    _cp_attention_module()  # imports and registers torch's cplib ops
+
+    def gather(mode, func, types, args, kwargs):
+        k, v, seq_dim, group_name = args
+        return tuple(funcol.all_gather_single(t.contiguous(), seq_dim, group_name) for t in (k, v))
+
+    def reduce_scatter(mode, func, types, args, kwargs):
+        grad_k, grad_v, seq_dim, group_name = args
+        return tuple(
+            funcol.reduce_scatter_single(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v)
+        )
+
+    torch.library.register_torch_dispatch("cplib::flex_cp_allgather", LocalTensorMode, gather)
+    torch.library.register_torch_dispatch("cplib::flex_cp_allgather_backward", LocalTensorMode, reduce_scatter)
+
+
 
 # --- dtensor_attn.explain: the debugger's windows into torch internals ---------------------
+
+# The tracer records DTensor ops with a dispatch mode and walks nested op arguments.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 
 @functools.cache

@@ -50,8 +50,9 @@ def format_placements(placements: Sequence[Placement]) -> str:
 
 
 def sharded_mesh_axes(placements: Sequence[Placement], dim: int) -> list[int]:
-    """Mesh axes whose placement shards tensor dim ``dim`` (Shard or _StridedShard)."""
-    return [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == dim]
+    """Mesh axes whose placement shards tensor dim ``dim`` (Shard or _StridedShard, which is
+    not a Shard subclass on every torch)."""
+    return [i for i, p in enumerate(placements) if isinstance(p, (Shard, StridedShard)) and p.dim == dim]
 
 
 def _check_even_flatten(

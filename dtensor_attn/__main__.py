@@ -1,0 +1,82 @@
+"""Command line: ``python -m dtensor_attn <command> ...``.
+
+    python -m dtensor_attn explain "_S(1, 8)" --mesh 8 --shape 8,256
+    python -m dtensor_attn explain "(_S(0, 4), S(1))" --mesh cp=2,tp=4 --shape 32,8,64
+
+Each command is one entry of ``COMMANDS``: a help line, a function that adds its arguments, and
+a function that runs it and returns the exit code. Bad input is one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "placements",
+        help="placements as torch prints them: '_S(1, 8)', '(S(1), R)', "
+        "'(_StridedShard(dim=1, sf=8),)', or the whole error message",
+    )
+    parser.add_argument("--mesh", required=True, help="mesh shape: 8, 2,4, 2x4 or cp=2,tp=4")
+    parser.add_argument("--shape", required=True, help="global tensor shape: 8,256 or 8x256")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from dtensor_attn.explain import explain_placements
+
+    print(explain_placements(args.placements, args.mesh, args.shape).render())
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "explain": Command(
+        "which global indices each rank holds, and why a _StridedShard does not decode",
+        _explain_arguments,
+        _explain,
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, never the usage block
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m dtensor_attn", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.run(args)
+    except ValueError as exc:  # PlacementError included: the message says expected/actual/fix
+        return _fail(" ".join(str(exc).split()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
