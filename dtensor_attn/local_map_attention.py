@@ -21,7 +21,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.experimental import local_map
 
-from dtensor_attn._compat import Partial, Placement, Replicate, Shard
+from dtensor_attn import _compat
+from dtensor_attn._compat import Partial, Placement, Replicate, Shard, StridedShard
 from dtensor_attn.backends.base import InnerAttention
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
@@ -241,6 +242,14 @@ class LocalMapAttention(nn.Module):
         if inner.lse_layout is not None:
             lse_pl = infer_out_placements(
                 q_pl, layout, inner.lse_layout, global_shape=q.shape, mesh_shape=mesh_shape, module=self.name
+            )
+        strided = [p for p in (*out_pl, *(lse_pl or ())) if isinstance(p, StridedShard)]
+        if strided and not _compat.packed_strided_shard_usable():
+            raise PlacementError(
+                f"{self.name}: the packed {inner.out_layout.name} output under context parallel is "
+                f"placed {format_placements(out_pl)}, which this torch cannot redistribute or "
+                f"full_tensor() ({_compat.packed_strided_shard_probe()[1]}). Fix: "
+                f"varlen_output=Layout.BLNH, or a local batch of 1 (placement Shard(0))."
             )
         kv_grad = tuple(Partial() if i in cp_axes else p for i, p in enumerate(k_pl))
         return AttentionPlacements(q_pl, kv_pl, out_pl, lse_pl, q_pl, kv_grad, cp_axes)

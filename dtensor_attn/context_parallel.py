@@ -1,0 +1,299 @@
+"""Context parallelism through torch's ``_ContextParallel`` hooks on inner attention modules.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+The other way, full-mesh DTensors through LocalMapAttention, needs nothing from here. This
+module hooks torch's parallel style onto every inner attention, with ``seq_dim`` read from the
+module's declared ``in_layout`` (1 for BLNH, 2 for the legacy BNLH): no caller writes it, so it
+cannot go stale when a layout moves. Each rank calls the module on its local seq chunk of
+q/k/v, as torch's CP expects:
+
+    ring (sdpa, CUDA only):  q/k/v become DTensors Shard(seq_dim) on the cp mesh; torch's ring
+                             attention rotates k/v; the output comes back local.
+    all-gather (flex, varlen): k/v are all-gathered along seq_dim (gradients reduce-scattered);
+                             q stays local. Our hook passes the global seq index of each local
+                             query and gathered key (``q_seq_index_L``/``kv_seq_index_L``), so
+                             causal and document masks see the right per-rank offset; torch's
+                             hook leaves that to a CP-rewritten BlockMask, which the math kernel
+                             and our own block masks do not use.
+
+Masks: the global document mask in shard order (the one LocalMapAttention takes: made from the
+original positions, then ``permute_mask`` when load-balanced); the hook keeps each rank's rows.
+Every forward checks the boundary: the dim torch sharded or gathered must be ``seq_dim``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from dtensor_attn import _compat
+from dtensor_attn._compat import Replicate, Shard
+from dtensor_attn.backends import InnerAttention
+from dtensor_attn.config import Backend, Kernel
+from dtensor_attn.errors import PlacementError
+from dtensor_attn.layout import Layout
+from dtensor_attn.load_balance import SeqOrder, seq_permutation
+from dtensor_attn.placements import Placements, format_placements
+
+
+class CPStrategy(enum.Enum):
+    RING = "ring"  # torch's SDPA attention type
+    ALL_GATHER = "all_gather"  # torch's FLEX attention type: a k/v all-gather, any kernel
+
+
+# Every backend of the registry has an entry (a unit test iterates REGISTRY to check).
+STRATEGIES: dict[Backend, CPStrategy] = {
+    Backend.SDPA: CPStrategy.RING,
+    Backend.FLEX: CPStrategy.ALL_GATHER,
+    Backend.VARLEN: CPStrategy.ALL_GATHER,
+}
+
+_KV_SHAPE_KEY = "_dtensor_attn_cp_kv_shape"  # prefix of the kwarg that carries k's local shape to the check
+_APPLIED_ATTR = "_dtensor_attn_cp_mesh"
+
+
+class ContextParallelError(PlacementError):
+    """Context parallelism asked for where it cannot run, or run with a wrong boundary."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CPBoundary:
+    """What the kernel gets on the cp axis: placements of q and of k/v at the kernel call."""
+
+    strategy: CPStrategy
+    seq_dim: int
+    q: Placements
+    kv: Placements
+
+    def row(self) -> tuple[str, ...]:
+        return (self.strategy.value, str(self.seq_dim), format_placements(self.q), format_placements(self.kv))
+
+
+def expected_boundary(layout: Layout, backend: Backend) -> CPBoundary:
+    """The boundary for a module whose public layout is ``layout`` (pure)."""
+    strategy = STRATEGIES[backend]
+    seq = (Shard(layout.seq_dim),)
+    kv = seq if strategy is CPStrategy.RING else (Replicate(),)
+    return CPBoundary(strategy, layout.seq_dim, seq, kv)
+
+
+def apply_context_parallel(
+    inner_or_model: nn.Module, cp_mesh: DeviceMesh, *, load_balance: bool = False
+) -> list[InnerAttention]:
+    """Hook torch's ``_ContextParallel`` onto every inner attention in ``inner_or_model``.
+
+    ``cp_mesh``: the 1-D cp mesh (``mesh["cp"]``). ``load_balance``: the sequence is laid out
+    head-tail (``load_balance.head_tail_permutation``) before it is sharded. Returns the hooked
+    modules. Raises ContextParallelError before any hook is added where torch cannot run it.
+    """
+    inners = [m for m in inner_or_model.modules() if isinstance(m, InnerAttention)]
+    if not inners:
+        raise ValueError(
+            f"apply_context_parallel: {type(inner_or_model).__name__} holds no inner attention "
+            f"(dtensor_attn.backends.InnerAttention). Fix: pass the model or the module built by "
+            f"AttentionConfig.build()."
+        )
+    if cp_mesh.ndim != 1:
+        raise ContextParallelError(
+            f"apply_context_parallel: expected the 1-D cp mesh, got a {cp_mesh.ndim}-D mesh "
+            f"{cp_mesh}. Fix: pass mesh['cp']."
+        )
+    for inner in inners:
+        _check_supported(inner, cp_mesh, load_balance)
+    style_type = _compat.context_parallel_style()
+    for inner in inners:
+        strategy = STRATEGIES[inner.backend]
+        if strategy is CPStrategy.RING:
+            _compat.enable_ring_attention(load_balance=load_balance)
+            inner.register_forward_pre_hook(_RingInputCheck(load_balance), with_kwargs=True)
+            attention_type = style_type.AttentionType.SDPA
+        else:
+            order = SeqOrder.HEAD_TAIL if load_balance else SeqOrder.CONTIGUOUS
+            inner.register_forward_pre_hook(_AllGatherInputs(cp_mesh, order), with_kwargs=True)
+            attention_type = style_type.AttentionType.FLEX
+        style = style_type(seq_dim=inner.in_layout.seq_dim, attention_type=attention_type)
+        parallelize_module(inner, cp_mesh, style)
+        if strategy is CPStrategy.ALL_GATHER:
+            inner.register_forward_pre_hook(_drop_flex_trailing_args, with_kwargs=True)
+        attach_boundary_check(inner, cp_mesh)
+        setattr(inner, _APPLIED_ATTR, cp_mesh)
+    return inners
+
+
+def attach_boundary_check(
+    inner: InnerAttention, cp_mesh: DeviceMesh, *, on_boundary: Callable[[CPBoundary], None] | None = None
+) -> None:
+    """Check, on every forward, that torch's hooks sharded or gathered ``in_layout.seq_dim``.
+
+    Attach after the CP style (apply_context_parallel does): one hook runs before all others
+    and notes k's local shape, one after torch's hooks compares. Works for any style applied
+    to the module, so a test can show it flags one built with a stale ``seq_dim``.
+    ``on_boundary`` sees each observed boundary before the comparison (golden tables).
+    """
+
+    def note_kv_shape(module, args, kwargs):
+        if _compat.local_tensor_mode_active():
+            _compat.simulate_cp_all_gather()  # else torch's gather op is silently wrong there
+        kwargs[shape_key] = tuple(args[1].shape) if len(args) > 1 else None
+        return args, kwargs
+
+    def check(module, args, kwargs):
+        kv_shape = kwargs.pop(shape_key, None)
+        observed = _observe(module, args, kv_shape, cp_mesh)
+        if on_boundary is not None:
+            on_boundary(observed)
+        expected = expected_boundary(module.in_layout, module.backend)
+        if observed != expected:
+            raise ContextParallelError(
+                f"context parallel boundary of {type(module).__name__} ({module.backend}, layout "
+                f"{module.in_layout.name}): expected {expected.strategy.value} on seq_dim "
+                f"{expected.seq_dim} (q {format_placements(expected.q)}, k/v "
+                f"{format_placements(expected.kv)} at the kernel), got seq_dim {observed.seq_dim} "
+                f"(q {format_placements(observed.q)}, k/v {format_placements(observed.kv)}). "
+                f"A CP style built with a hand-written seq_dim that does not match the layout "
+                f"shards or gathers the wrong dim. Fix: apply_context_parallel(module, cp_mesh), "
+                f"which reads seq_dim from in_layout."
+            )
+        return args, kwargs
+
+    shape_key = f"{_KV_SHAPE_KEY}_{id(note_kv_shape)}"  # one key per attached check
+    inner.register_forward_pre_hook(note_kv_shape, with_kwargs=True, prepend=True)
+    inner.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def _observe(module, args, kv_shape, cp_mesh) -> CPBoundary:
+    """The boundary torch's hooks produced, read from the arguments the kernel will get."""
+    q, k = args[0], args[1]
+    if isinstance(q, DTensor):  # ring: torch wrapped the local tensors as cp-sharded DTensors
+        shard = tuple(q.placements)
+        dims = [p.dim for p in shard if isinstance(p, Shard)]
+        return CPBoundary(CPStrategy.RING, dims[0] if dims else -1, shard, tuple(k.placements))
+    # all-gather: the dim of k that grew by the cp degree is the one torch gathered
+    degree = cp_mesh.size()
+    grown = [d for d, (a, b) in enumerate(zip(kv_shape or (), k.shape)) if b == a * degree and a != b]
+    if len(grown) != 1 or any(a != b for d, (a, b) in enumerate(zip(kv_shape, k.shape)) if d not in grown):
+        return CPBoundary(CPStrategy.ALL_GATHER, -1, (), (Shard(-1),))
+    return CPBoundary(CPStrategy.ALL_GATHER, grown[0], (Shard(grown[0]),), (Replicate(),))
+
+
+def _check_supported(inner: InnerAttention, cp_mesh: DeviceMesh, load_balance: bool) -> None:
+    where = f"apply_context_parallel: {type(inner).__name__} ({inner.backend}, layout {inner.in_layout.name})"
+    full_mesh_fix = (
+        "Fix: use full-mesh CP through LocalMapAttention (q/k/v DTensors with "
+        f"Shard({inner.in_layout.seq_dim}) on the cp axis), which runs every backend on CPU and GPU"
+    )
+    if getattr(inner, _APPLIED_ATTR, None) is not None:
+        raise ContextParallelError(f"{where}: context parallel is already applied to this module; a second "
+                                   f"application would gather k/v twice. Fix: apply it once.")
+    if inner.backend not in STRATEGIES:
+        raise ContextParallelError(f"{where}: no CP strategy for backend {inner.backend}. {full_mesh_fix}.")
+    if STRATEGIES[inner.backend] is not CPStrategy.RING:
+        return
+    device = cp_mesh.device_type
+    if device != "cuda" and not _compat.ring_attention_runs_on(device):
+        raise ContextParallelError(
+            f"{where} on a {device} mesh: torch's ring attention (_ContextParallel SDPA) runs only on "
+            f"CUDA; torch has no sharding rule for _scaled_dot_product_flash_attention_for_cpu, so "
+            f"the forward would fail inside torch. {full_mesh_fix}, or run on CUDA devices."
+        )
+    unsupported = {
+        "the math kernel (Kernel.MATH)": inner.config.kernel is Kernel.MATH,
+        "return_lse=True": inner.config.return_lse,
+        "load balancing without is_causal": load_balance and not inner.config.is_causal,
+    }
+    for what, asked in unsupported.items():
+        if asked:
+            raise ContextParallelError(f"{where}: torch's ring attention does not support {what}. {full_mesh_fix}.")
+
+
+class _RingInputCheck:
+    """Runs first: the ring takes q, k, v only, and torch's load-balance switch is process-wide."""
+
+    def __init__(self, load_balance: bool) -> None:
+        self.load_balance = load_balance
+
+    def __call__(self, module, args, kwargs):
+        extra = [k for k, v in kwargs.items() if v is not None and not k.startswith(_KV_SHAPE_KEY)]
+        if not 3 <= len(args) <= 4 or any(a is not None for a in args[3:]) or extra:
+            raise ContextParallelError(
+                f"{type(module).__name__} under ring CP takes q, k, v (and mask=None) only; got "
+                f"{len(args)} positional arguments and keywords {sorted(extra)}. torch's ring applies "
+                f"no masks or seq indices. Fix: call it with q, k, v, or use full-mesh CP through "
+                f"LocalMapAttention."
+            )
+        if _compat.ring_load_balance() != self.load_balance:
+            raise ContextParallelError(
+                f"{type(module).__name__}: applied with load_balance={self.load_balance}, but torch's "
+                f"process-wide ring option is now {_compat.ring_load_balance()} (another "
+                f"apply_context_parallel call changed it). Fix: use one load_balance per process."
+            )
+        return args, kwargs
+
+
+class _AllGatherInputs:
+    """Runs before torch's all-gather hook: global seq indices and each rank's mask rows."""
+
+    def __init__(self, cp_mesh: DeviceMesh, order: SeqOrder) -> None:
+        self.cp_mesh, self.order = cp_mesh, order
+
+    def __call__(self, module, args, kwargs):
+        if len(args) < 3 or len(args) > 4:
+            raise TypeError(f"{type(module).__name__} takes q, k, v and an optional mask positionally")
+        for key in ("q_seq_index_L", "kv_seq_index_L"):
+            if kwargs.get(key) is not None:
+                raise ContextParallelError(
+                    f"{type(module).__name__} got {key} while context parallel hooks are applied: the "
+                    f"sequence is then sharded twice (full-mesh CP over a mesh with a cp axis, and the "
+                    f"hooks). Fix: keep the cp axis off the DTensors' mesh, or drop the hooks."
+                )
+        q, k, v = args[:3]
+        mask = args[3] if len(args) == 4 else kwargs.get("mask")
+        seq_dim, degree = module.in_layout.seq_dim, self.cp_mesh.size()
+        seq_len = q.shape[seq_dim] * degree
+        index_L = seq_permutation(self.order, seq_len, degree, device=q.device)
+        if index_L is None:
+            index_L = torch.arange(seq_len, device=q.device)
+        if mask is not None:
+            ids_BL = mask.q_document_ids_BL
+            if ids_BL.shape[-1] != seq_len or mask.kv_document_ids_BL.shape[-1] != seq_len:
+                raise ContextParallelError(
+                    f"{type(module).__name__}: under context parallel hooks the mask covers the whole "
+                    f"sequence; expected document ids of seq length {seq_len} (local {q.shape[seq_dim]} x "
+                    f"cp {degree}), got {tuple(ids_BL.shape)}. Fix: make the mask from the global "
+                    f"positions (then permute_mask if load-balanced), not from the local shard."
+                )
+            kv_ids_BL = mask.kv_document_ids_BL.to(q.device)
+            mask = mask.with_tensors(self._local_rows(ids_BL.to(q.device), 1), kv_ids_BL)
+        kwargs = {**kwargs, "mask": mask, "q_seq_index_L": self._local_rows(index_L, 0), "kv_seq_index_L": index_L}
+        # torch's hook reads q, k, v by flex_attention's positions (query, key, value, score_mod,
+        # block_mask); some versions assert on block_mask. _drop_flex_trailing_args undoes this.
+        return (q, k, v, *_compat.FLEX_CP_HOOK_TRAILING_ARGS), kwargs
+
+    def _local_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's chunk of a global tensor (no communication: every rank holds all of it)."""
+        with torch.no_grad():
+            return distribute_tensor(t, self.cp_mesh, [Shard(dim)], src_data_rank=None).to_local()
+
+
+def _drop_flex_trailing_args(module, args, kwargs):
+    return args[:3], kwargs
+
+
+__all__ = [
+    "CPBoundary",
+    "CPStrategy",
+    "ContextParallelError",
+    "STRATEGIES",
+    "apply_context_parallel",
+    "attach_boundary_check",
+    "expected_boundary",
+]

@@ -1,0 +1,369 @@
+"""Context parallelism, both ways, for every backend, alone and with TP.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+``fullmesh``: q/k/v DTensors on the (cp[, tp]) mesh through LocalMapAttention. ``hooks``: each
+rank's local seq chunk through torch's ``_ContextParallel`` hooks (apply_context_parallel), with
+TP DTensors on the tp axis through LocalMapAttention. Every case compares the output and the
+q/k/v gradients, as every rank holds them in full, with a float64 single-device reference built
+from the same global tensors (in shard order when load-balanced).
+
+Tolerance: on CPU, inputs, kernel and reference are float64; only reduction order differs
+(~1e-15 relative), so 1e-9 leaves six orders of margin, and every CP mistake (a missing rank
+offset, a gather along the wrong dim, an unreduced k/v gradient) moves values by O(0.1). On CUDA
+the kernels need bf16 (flash, varlen): the reference then starts from the same bf16-rounded
+inputs, and outputs (|out| <= max |v| ~ 4) and gradients keep a few bf16 ulps (2^-8 relative),
+so 5e-2 absolute and relative.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, PlacementError, make_attention_masks
+from dtensor_attn import _compat
+from dtensor_attn._compat import StridedShard
+from dtensor_attn.backends import REGISTRY
+from dtensor_attn.config import Backend
+from dtensor_attn.context_parallel import (
+    STRATEGIES,
+    ContextParallelError,
+    CPStrategy,
+    apply_context_parallel,
+    attach_boundary_check,
+)
+from dtensor_attn.load_balance import SeqOrder, permute_mask, permute_seq, seq_permutation
+from dtensor_attn.testing import assert_dtensor_close, assert_golden, assert_placements, format_table, rank_values
+from dtensor_attn.testing.reference import AttentionInputs, make_inputs, reference_attention, to_layout
+
+B, L, H = 2, 16, 8
+TOL_CPU = dict(rtol=1e-9, atol=1e-9)  # float64 end to end (see the module docstring)
+PATHS = ("fullmesh", "hooks")
+MESHES = {"cp2": dict(cp=2), "cp4": dict(cp=4), "cp2xtp2": dict(cp=2, tp=2), "cp2xtp4": dict(cp=2, tp=4)}
+
+
+def _cases():
+    """path x backend x mesh x {causal, packed documents} x {MHA, GQA} x {load balance}: ids like
+    ``hooks-flex-cp2xtp2-docs-gqa-lb``. Documents only for backends that apply document masks."""
+    for path, (backend, cls), (mesh_name, axes) in itertools.product(PATHS, REGISTRY.items(), MESHES.items()):
+        mask_kinds = (False, True) if cls.mask_type else (False,)
+        for documents, gqa, lb in itertools.product(mask_kinds, (False, True), (False, True)):
+            words = [path, str(backend), mesh_name, "docs" if documents else "causal", "gqa" if gqa else "mha"]
+            case_id = "-".join(words + (["lb"] if lb else []))
+            yield pytest.param(path, backend, documents, gqa, lb, marks=pytest.mark.mesh(**axes), id=case_id)
+
+
+def precision(mesh) -> tuple[torch.dtype, dict]:
+    if mesh.device_type == "cuda":
+        return torch.bfloat16, dict(rtol=5e-2, atol=5e-2)
+    return torch.float64, TOL_CPU
+
+
+def seq_heads_placements(mesh) -> tuple:
+    """BLNH placements of the full mesh: seq on cp, heads on tp."""
+    return tuple(Shard(1) if name == "cp" else Shard(2) for name in mesh.mesh_dim_names)
+
+
+@pytest.mark.parametrize("path,backend,documents,gqa,lb", list(_cases()))
+def test_cp_matrix(mesh, path, backend, documents, gqa, lb):
+    if path == "hooks" and STRATEGIES[backend] is CPStrategy.RING and mesh.device_type != "cuda":
+        pytest.skip(
+            f"torch's ring attention (sdpa CP hooks) runs only on CUDA, this mesh is {mesh.device_type}; "
+            "test_ring_on_cpu_raises_up_front covers the error"
+        )
+    dtype, tol = precision(mesh)
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=4 if gqa else 8, head_dim=H,
+                         documents=documents, dtype=dtype)
+    with _compat.maybe_disable_local_tensor_mode():  # one reference, not one per simulated rank
+        leaves = [t.double().clone().requires_grad_() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
+        out_ref, _ = reference_attention(AttentionInputs(*leaves, inputs.positions_BL))
+        out_ref.sum().backward()
+
+    degree = mesh["cp"].size()
+    perm_L = seq_permutation(SeqOrder.HEAD_TAIL if lb else SeqOrder.CONTIGUOUS, L, degree)
+    config = AttentionConfig(backend=backend, enable_gqa=gqa)
+    mask = permute_mask(make_attention_masks(config, inputs.positions_BL), perm_L) if documents else None
+    qkv = [permute_seq(t, perm_L, 1).to(mesh.device_type) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
+    run = _run_fullmesh if path == "fullmesh" else _run_hooks
+    out, grads = run(mesh, config, qkv, mask, lb)
+
+    placements = seq_heads_placements(mesh)
+    assert_placements(out, placements)
+    assert_dtensor_close(out, permute_seq(out_ref, perm_L, 1), **tol, msg="output")
+    for name, grad, leaf in zip("qkv", grads, leaves):
+        assert_placements(grad, placements)
+        assert_dtensor_close(grad, permute_seq(leaf.grad, perm_L, 1), **tol, msg=f"grad {name}")
+
+
+def _run_fullmesh(mesh, config, qkv, mask, lb):
+    attention = LocalMapAttention(config.build(), seq_order=SeqOrder.HEAD_TAIL if lb else SeqOrder.CONTIGUOUS)
+    q, k, v = (distribute_tensor(t, mesh, seq_heads_placements(mesh)).requires_grad_() for t in qkv)
+    out = attention(q, k, v, mask)
+    out.sum().backward()
+    return out, (q.grad, k.grad, v.grad)
+
+
+def _run_hooks(mesh, config, qkv, mask, lb):
+    """Each rank holds its seq chunk (and heads chunk) as a plain local tensor, or as a TP
+    DTensor on the tp axis; the hooks do the CP. Results are relabelled on the full mesh."""
+    placements = seq_heads_placements(mesh)
+    inner = config.build()
+    apply_context_parallel(inner, mesh["cp"], load_balance=lb)
+    locals_ = [distribute_tensor(t, mesh, placements).to_local() for t in qkv]
+    if "tp" in mesh.mesh_dim_names:
+        tp_mesh = mesh["tp"]
+        leaves = [DTensor.from_local(t, tp_mesh, (Shard(2),)).requires_grad_() for t in locals_]
+        out_tp = LocalMapAttention(inner)(*leaves, mask)
+        assert_placements(out_tp, (Shard(2),))
+        out_local = out_tp.to_local()
+        out_tp.sum().backward()
+        grads = [leaf.grad.to_local() for leaf in leaves]
+    else:
+        leaves = [t.requires_grad_() for t in locals_]
+        out_local = inner(*leaves, mask)
+        out_local.sum().backward()
+        grads = [leaf.grad for leaf in leaves]
+    relabel = lambda t: DTensor.from_local(t, mesh, placements, run_check=False)  # noqa: E731
+    return relabel(out_local), tuple(relabel(g) for g in grads)
+
+
+# -- the boundary: golden table, stale seq_dim (BUGS.md row 2) ----------------------------------
+
+
+class _ReachedKernel(Exception):
+    """Raised by a hook placed after every CP hook: the boundary checks passed."""
+
+
+def _stop_at_kernel(module, args, kwargs):
+    raise _ReachedKernel
+
+
+def _local_qkv(mesh, layout: Layout, *, num_q_heads=4, num_kv_heads=4):
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=H)
+    qkv = [to_layout(t, layout) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
+    return inputs, [distribute_tensor(t, mesh, (Shard(layout.seq_dim),)).to_local() for t in qkv]
+
+
+def _torch_style(backend, seq_dim: int):
+    """torch's own style, built by hand (as a model before the refactor did)."""
+    style = _compat.context_parallel_style()
+    ring = STRATEGIES[backend] is CPStrategy.RING
+    return style(seq_dim=seq_dim, attention_type=style.AttentionType.SDPA if ring else style.AttentionType.FLEX)
+
+
+@pytest.mark.mesh(cp=2)
+def test_boundary_golden(mesh):
+    """seq_dim and the placements the kernel gets on the cp axis, per layout, seen at the boundary."""
+    rows = [("layout", "backend", "strategy", "seq_dim", "q", "k/v")]
+    for layout in (Layout.BLNH, Layout.BNLH):
+        for backend in REGISTRY:
+            inner = AttentionConfig(backend=backend, layout=layout).build()
+            if STRATEGIES[backend] is CPStrategy.RING:  # apply_context_parallel refuses CPU meshes
+                parallelize_module(inner, mesh, _torch_style(backend, inner.in_layout.seq_dim))
+            else:
+                apply_context_parallel(inner, mesh)
+            seen = []
+            attach_boundary_check(inner, mesh, on_boundary=seen.append)
+            inner.register_forward_pre_hook(_stop_at_kernel, with_kwargs=True)
+            with pytest.raises(_ReachedKernel):
+                inner(*_local_qkv(mesh, layout)[1])
+            rows.append((layout.name, str(backend), *seen[-1].row()))
+    assert_golden(format_table(rows), "cp_boundary")
+
+
+@pytest.mark.mesh(cp=2)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("backend", list(REGISTRY))
+def test_stale_seq_dim_is_flagged_at_the_boundary(mesh, backend, gqa):
+    """A style built with the pre-refactor seq_dim=2 on BLNH shards or gathers heads: the check
+    names it; the same style with the layout's seq_dim passes to the kernel."""
+    for seq_dim, outcome in ((2, pytest.raises(ContextParallelError, match="got seq_dim 2")),
+                             (Layout.BLNH.seq_dim, pytest.raises(_ReachedKernel))):
+        inner = AttentionConfig(backend=backend, enable_gqa=gqa).build()
+        parallelize_module(inner, mesh, _torch_style(backend, seq_dim))
+        attach_boundary_check(inner, mesh)
+        inner.register_forward_pre_hook(_stop_at_kernel, with_kwargs=True)
+        with outcome:
+            inner(*_local_qkv(mesh, Layout.BLNH, num_q_heads=4, num_kv_heads=2 if gqa else 4)[1])
+
+
+@pytest.mark.mesh(cp=2)
+def test_stale_seq_dim_flex_errors_without_gqa(mesh):
+    """Without the check, a gather along heads doubles k/v heads: an error, but a late, puzzling one."""
+    _compat.simulate_cp_all_gather()
+    inner = AttentionConfig(backend=Backend.FLEX).build()
+    parallelize_module(inner, mesh, _torch_style(Backend.FLEX, 2))
+    with pytest.raises(ValueError, match="heads"):
+        inner(*_local_qkv(mesh, Layout.BLNH, num_q_heads=4, num_kv_heads=4)[1])
+
+
+@pytest.mark.mesh(cp=2)
+def test_stale_seq_dim_flex_is_silent_with_gqa(mesh):
+    """Without the check, with GQA (k/v heads x cp == q heads) a gather along heads raises
+    nothing and returns the right shape with wrong values: only the boundary check sees it."""
+    _compat.simulate_cp_all_gather()
+    inputs, qkv = _local_qkv(mesh, Layout.BLNH, num_q_heads=4, num_kv_heads=2)
+    out_ref, _ = reference_attention(inputs)
+    inner = AttentionConfig(backend=Backend.FLEX, enable_gqa=True).build()
+    parallelize_module(inner, mesh, _torch_style(Backend.FLEX, 2))
+    out_local = inner(*qkv)  # no error
+    out = DTensor.from_local(out_local, mesh, (Shard(1),), run_check=False)
+    assert tuple(out.shape) == tuple(out_ref.shape)
+    with pytest.raises(AssertionError, match="differ from the reference"):
+        assert_dtensor_close(out, out_ref, **TOL_CPU)
+
+
+@pytest.mark.mesh(cp=2)
+def test_stale_seq_dim_sdpa_numbers_match_but_boundary_is_wrong(mesh):
+    """On CUDA the ring hard-codes its own seq dim, so a stale seq_dim=2 gives the right numbers
+    with q/k/v labelled Shard(2) (heads): only the placement check at the boundary sees it."""
+    if mesh.device_type != "cuda":
+        pytest.skip(f"torch's ring attention runs only on CUDA, this mesh is {mesh.device_type}")
+    _compat.enable_ring_attention(load_balance=False)
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H, dtype=torch.bfloat16)
+    out_ref, _ = reference_attention(inputs)
+    qkv = [
+        distribute_tensor(t.to("cuda"), mesh, (Shard(1),)).to_local()
+        for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)
+    ]
+    inner = AttentionConfig(backend=Backend.SDPA).build()
+    parallelize_module(inner, mesh, _torch_style(Backend.SDPA, 2))
+    out = DTensor.from_local(inner(*qkv), mesh, (Shard(1),), run_check=False)
+    assert_dtensor_close(out, out_ref, **precision(mesh)[1])
+    attach_boundary_check(inner, mesh)
+    with pytest.raises(ContextParallelError, match=r"got seq_dim 2 \(q \(S\(2\)\)"):
+        inner(*qkv)
+
+
+# -- BUGS.md row 11: a check on rank 0 alone misses a missing per-rank offset ---------------------
+
+
+@pytest.mark.mesh(cp=2)
+def test_rank0_only_check_misses_a_missing_causal_offset(mesh):
+    """The planted bug: torch's all-gather hook alone, at the right seq_dim, without the hook
+    that passes each rank's global seq offset; every rank masks as if its chunk started at 0."""
+    _compat.simulate_cp_all_gather()
+    inputs, qkv = _local_qkv(mesh, Layout.BLNH)
+    out_ref, _ = reference_attention(inputs)
+    inner = AttentionConfig(backend=Backend.FLEX).build()
+    parallelize_module(inner, mesh, _torch_style(Backend.FLEX, inner.in_layout.seq_dim))
+    out_local = inner(*qkv)
+    ref_local = distribute_tensor(out_ref, mesh, (Shard(1),)).to_local()
+    # Each rank's error, gathered so that every rank sees all of them (no rank branches).
+    err_local = (out_local - ref_local).abs().amax().reshape(1)
+    err_per_rank = DTensor.from_local(err_local, mesh, (Shard(0),), run_check=False).full_tensor()
+    assert_dtensor_close(err_per_rank[:1], torch.zeros(1), **TOL_CPU, msg="rank 0 alone: looks right")
+    for values in rank_values(err_per_rank).values():
+        assert float(values[1:].min()) > 0.1, f"rank 1's chunk should be visibly wrong, errors {values}"
+    with pytest.raises(AssertionError, match="differ from the reference"):
+        assert_dtensor_close(DTensor.from_local(out_local, mesh, (Shard(1),), run_check=False), out_ref, **TOL_CPU)
+
+
+# -- errors up front -------------------------------------------------------------------------------
+
+
+@pytest.mark.mesh(cp=2)
+def test_ring_on_cpu_raises_up_front(mesh):
+    if mesh.device_type == "cuda":
+        pytest.skip("the mesh is on CUDA, where torch's ring attention runs")
+    inner = AttentionConfig(backend=Backend.SDPA).build()
+    expected = r"runs only on\s+CUDA.*_scaled_dot_product_flash_attention_for_cpu.*LocalMapAttention"
+    with pytest.raises(ContextParallelError, match=expected):
+        apply_context_parallel(inner, mesh)
+    assert not inner._forward_pre_hooks, "no hook may be left behind by a refused application"
+
+
+@pytest.mark.mesh(cp=2, tp=2)
+def test_apply_needs_the_1d_cp_mesh(mesh):
+    with pytest.raises(ContextParallelError, match=r"mesh\['cp'\]"):
+        apply_context_parallel(AttentionConfig(backend=Backend.FLEX).build(), mesh)
+
+
+@pytest.mark.mesh(cp=2)
+def test_apply_hooks_every_inner_once(mesh):
+    all_gather = [b for b in REGISTRY if STRATEGIES[b] is CPStrategy.ALL_GATHER]
+    model = torch.nn.ModuleList([AttentionConfig(backend=b).build() for b in all_gather])
+    assert apply_context_parallel(model, mesh) == list(model)
+    with pytest.raises(ContextParallelError, match="already applied"):
+        apply_context_parallel(model, mesh)
+    with pytest.raises(ValueError, match="holds no inner attention"):
+        apply_context_parallel(torch.nn.Linear(2, 2), mesh)
+
+
+@pytest.mark.mesh(cp=2)
+def test_mask_from_local_positions_is_refused(mesh):
+    inputs, qkv = _local_qkv(mesh, Layout.BLNH)
+    config = AttentionConfig(backend=Backend.FLEX)
+    inner = config.build()
+    apply_context_parallel(inner, mesh)
+    local_positions_BL = torch.arange(L // 2).repeat(B, 1)
+    with pytest.raises(ContextParallelError, match="whole\\s+sequence"):
+        inner(*qkv, make_attention_masks(config, local_positions_BL))
+
+
+@pytest.mark.mesh(cp=2)
+def test_hooks_and_full_mesh_cp_together_are_refused(mesh):
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    inner = AttentionConfig(backend=Backend.FLEX).build()
+    apply_context_parallel(inner, mesh)
+    q, k, v = (distribute_tensor(t, mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    with pytest.raises(ContextParallelError, match="sharded twice"):
+        LocalMapAttention(inner)(q, k, v)
+
+
+# -- varlen's packed output under full-mesh CP, and the _StridedShard probe -----------------------
+
+
+@pytest.mark.mesh(cp=2)
+@pytest.mark.parametrize("batch", [2, 1], ids=["local-batch2-strided", "local-batch1-shard0"])
+def test_packed_output_under_cp(mesh, batch):
+    inputs = make_inputs(batch=batch, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    out_ref, _ = reference_attention(inputs)
+    attention = LocalMapAttention(AttentionConfig(backend=Backend.VARLEN, varlen_output=Layout.TNH).build())
+    q, k, v = (distribute_tensor(t, mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    if batch > 1 and not _compat.packed_strided_shard_usable():
+        with pytest.raises(PlacementError, match="BLNH"):
+            attention(q, k, v)
+    else:
+        out_TNH = attention(q, k, v)
+        assert_placements(out_TNH, (StridedShard(0, split_factor=batch),))
+        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **TOL_CPU)
+
+
+@pytest.mark.mesh(cp=2)
+def test_strided_shard_probe_agrees_with_full_tensor(mesh):
+    """The probe plans without a process group; a real full_tensor() of the same placement
+    must agree with its verdict (both ways: works and is right, or raises)."""
+    t_T = torch.arange(8, dtype=torch.float64)
+    local = distribute_tensor(t_T.view(2, 4), mesh, (Shard(1),)).to_local().reshape(-1)
+    strided = DTensor.from_local(local, mesh, (StridedShard(0, split_factor=2),), run_check=False)
+    if _compat.packed_strided_shard_usable():
+        assert_dtensor_close(strided, t_T, **TOL_CPU)
+    else:
+        with pytest.raises(ValueError, match="shard_order"):
+            strided.full_tensor()
+
+
+@pytest.mark.parametrize("mesh_name", [pytest.param(name, marks=pytest.mark.mesh(**MESHES[name]), id=name)
+                                       for name in ("cp2", "cp2xtp2")])
+def test_packing_a_cp_output_is_right_or_refused(mesh, mesh_name):
+    """BUGS.md row 10: viewing the seq-sharded BLNH output as packed TNH needs a strided
+    placement; DTensor must give the right values (torch 2.13) or refuse (torch 2.11), never
+    silently wrong ones."""
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    out_ref, _ = reference_attention(inputs)
+    placements = seq_heads_placements(mesh)
+    q, k, v = (distribute_tensor(t, mesh, placements) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    out_BLNH = LocalMapAttention(AttentionConfig(backend=Backend.FLEX).build())(q, k, v)
+    try:
+        out_TNH = out_BLNH.view(B * L, *out_BLNH.shape[2:])
+    except (RuntimeError, ValueError, AssertionError) as error:  # refused: acceptable, with a reason
+        assert "flatten" in str(error) or "shard" in str(error).lower(), f"unclear refusal: {error}"
+    else:
+        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **TOL_CPU)
