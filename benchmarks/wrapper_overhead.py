@@ -12,8 +12,9 @@ CPU smoke check:     torchrun --nproc-per-node 2 benchmarks/wrapper_overhead.py 
 For each backend and shape: forward + backward time of the wrapped call on TP DTensors
 (Shard(2) on heads) over the direct call on the same local shards (the ratio; goal <= 1.03 at
 the large shape), and the host time per forward call in microseconds (no device sync inside
-the timed region, so it is what the CPU spends issuing the call). Times are medians over
-repeats; both variants run interleaved in one process so that they share clocks and caches.
+the timed region, so it is what the CPU spends issuing the call). Each time is a run of
+``--repeats`` steps queued back to back (as a model's layers are), median of 5 such runs; both
+variants run interleaved in one process so that they share clocks and caches.
 """
 
 from __future__ import annotations
@@ -44,20 +45,21 @@ def _step(fn, args, grad) -> None:
 
 
 def _time_steps(fn, args, grad, device, repeats: int) -> float:
-    """Median seconds of one forward + backward."""
-    samples = []
+    """Seconds per forward + backward, ``repeats`` steps queued back to back between two syncs,
+    as the layers of a training step are: host work overlaps device work, as it does there."""
+    _sync(device)
+    start = time.perf_counter()
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
         _step(fn, args, grad)
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def _host_forward_us(fn, args, device, calls: int) -> float:
     """Microseconds the host spends issuing one forward (no sync inside the loop)."""
     with torch.no_grad():
+        for _ in range(3):  # no-grad calls may pick other kernels: warm those up too
+            fn(*args)
         _sync(device)
         start = time.perf_counter()
         for _ in range(calls):
@@ -87,7 +89,7 @@ def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
         _step(inner, direct_args, grad_BLNH)
         _step(wrapped, dt_args, grad_dt)
     direct_s, wrapped_s = [], []
-    for _ in range(3):  # interleave the two so drift hits both
+    for _ in range(5):  # interleave the two so drift hits both
         direct_s.append(_time_steps(inner, direct_args, grad_BLNH, device, repeats))
         wrapped_s.append(_time_steps(wrapped, dt_args, grad_dt, device, repeats))
     host_direct = _host_forward_us(inner, direct_args, device, 50)
