@@ -237,19 +237,20 @@ def simulate_cp_all_gather() -> None:
     backward) once per rank on the fake group, so each rank silently gets its own chunk
     repeated instead of every rank's keys (measured, torch 2.13). These rules run the same
     gather / reduce-scatter through functional collectives, which LocalTensorMode simulates;
-    under a real process group torch's op runs unchanged."""
+    under a real process group torch's op runs unchanged. all_gather_tensor and
+    reduce_scatter_tensor exist on torch 2.11 and 2.13 (the *_single forms only on 2.13)."""
     import torch.distributed._functional_collectives as funcol
 
     _cp_attention_module()  # imports and registers torch's cplib ops
 
     def gather(mode, func, types, args, kwargs):
         k, v, seq_dim, group_name = args
-        return tuple(funcol.all_gather_single(t.contiguous(), seq_dim, group_name) for t in (k, v))
+        return tuple(funcol.all_gather_tensor(t.contiguous(), seq_dim, group_name) for t in (k, v))
 
     def reduce_scatter(mode, func, types, args, kwargs):
         grad_k, grad_v, seq_dim, group_name = args
         return tuple(
-            funcol.reduce_scatter_single(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v)
+            funcol.reduce_scatter_tensor(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v)
         )
 
     torch.library.register_torch_dispatch("cplib::flex_cp_allgather", LocalTensorMode, gather)

@@ -116,7 +116,10 @@ def infer_out_placements(
     atom_shape = tuple(sizes[a] for a in atoms)
     if atom_shape != shape:
         rule = _compat.view_groups(shape, atom_shape)
-        _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+        try:
+            _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+        except RuntimeError:  # torch 2.11 cannot split a strided shard: the inverse of step 4
+            placements = _split_tokens(placements, in_layout, sizes, mesh_shape, module)
         placements, shape = tuple(placements), atom_shape
 
     # 2. Drop atoms the output lacks (head_dim for an LSE): only if nothing shards them.
@@ -192,6 +195,41 @@ def _flatten_tokens(
             out.append(_compat.strided_shard(token_dim, rows) if rows > 1 else Shard(token_dim))
         else:
             out.append(Shard(out_layout.dims.index(atom)))
+    return tuple(out)
+
+
+def _split_tokens(
+    placements: Placements,
+    in_layout: Layout,
+    sizes: dict[Dim, int],
+    mesh_shape: Sequence[int],
+    module: str,
+) -> Placements:
+    """Placements after splitting T into (B, L): the inverse of ``_flatten_tokens``."""
+    token_dim = in_layout.dims.index(Dim.T)
+    atoms = in_layout.atoms
+    batch_dim, seq_dim = atoms.index(Dim.B), atoms.index(Dim.L)
+    out: list[Placement] = []
+    rows = sizes[Dim.B]
+    for axis, p in enumerate(placements):
+        if not isinstance(p, (Shard, StridedShard)):
+            out.append(p)
+            continue
+        if p.dim != token_dim:
+            out.append(Shard(atoms.index(in_layout.dims[p.dim])))
+            continue
+        factor = _compat.split_factor(p) if isinstance(p, StridedShard) else 1
+        if factor == 1 and rows % mesh_shape[axis] == 0 and rows > 1:
+            out.append(Shard(batch_dim))
+            rows //= mesh_shape[axis]
+        elif factor == rows:
+            out.append(Shard(seq_dim))
+        else:
+            raise PlacementError(
+                f"{module}: {p} on mesh axis {axis} of packed {in_layout.name} tokens is not a "
+                f"shard of batch rows nor of each row's seq ({rows} rows left); it has no "
+                f"{'x'.join(a.name for a in atoms)} placement. Fix: keep this tensor packed."
+            )
     return tuple(out)
 
 

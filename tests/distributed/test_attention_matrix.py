@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from dtensor_attn import AttentionConfig, Layout, LocalMapAttention
+from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, PlacementError
+from dtensor_attn._compat import packed_strided_shard_usable
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.config import Backend
 from dtensor_attn._compat import StridedShard
@@ -93,6 +94,16 @@ def test_matrix(mesh, mesh_kind, backend, in_layout, out_layout, gqa, return_lse
 
     in_placements = _expected(mesh_kind, in_layout)
     q, k, v = (distribute_tensor(t.detach(), mesh, in_placements).requires_grad_() for t in (q_ref, k_ref, v_ref))
+    if out_layout is Layout.TNH and mesh_kind == "cp,tp" and not packed_strided_shard_usable():
+        # torch 2.11 cannot use the (correct) _StridedShard placement downstream: refused up front.
+        with pytest.raises(PlacementError, match=r"cannot redistribute or full_tensor\(\).*Fix: varlen_output=Layout.BLNH"):
+            attention(q, k, v)
+    else:
+        _check_forward_backward(attention, q, k, v, q_ref, k_ref, v_ref, out_ref, lse_ref_BLN, mesh_kind, in_placements, out_layout, return_lse)
+
+
+def _check_forward_backward(attention, q, k, v, q_ref, k_ref, v_ref, out_ref, lse_ref_BLN, mesh_kind, in_placements, out_layout, return_lse):
+    lse_layout = attention.inner.lse_layout
     result = attention(q, k, v)
     out, lse = result if return_lse else (result, None)
 

@@ -29,8 +29,26 @@ TABLE = [
 ]
 
 
+def _refuse_torch_view_algebra(monkeypatch):
+    """Make DTensor's view algebra refuse every flatten and split, as torch 2.11's does for a
+    sharded non-leading dim ("Attempted to flatten multiple dimensions, ... being sharded")."""
+    from dtensor_attn import _compat
+
+    real = _compat.propagate_view_placements
+
+    def refuse(p, shape, rule, mesh):
+        if any(type(r).__name__ in ("Flatten", "Split") for r in rule):
+            raise RuntimeError("Attempted to flatten multiple dimensions, with dimension 1 being sharded.")
+        return real(p, shape, rule, mesh)
+
+    monkeypatch.setattr(_compat, "propagate_view_placements", refuse)
+
+
+@pytest.mark.parametrize("algebra", ["torch", "own-rules"])
 @pytest.mark.parametrize("mesh_shape,blnh,tnh", TABLE, ids=lambda x: str(x))
-def test_design_table_packed(mesh_shape, blnh, tnh):
+def test_design_table_packed(monkeypatch, mesh_shape, blnh, tnh, algebra):
+    if algebra == "own-rules":
+        _refuse_torch_view_algebra(monkeypatch)
     got = infer_out_placements(blnh, Layout.BLNH, Layout.TNH, global_shape=BLNH_SHAPE, mesh_shape=mesh_shape)
     assert placements_equal(got, tnh, 3), (format_placements(got), format_placements(tnh))
     # Viewing the packed tensor back gives the BLNH placements again.
@@ -135,8 +153,6 @@ FLATTEN_CASES = [
 def test_own_flatten_rule_equals_torch_view_algebra(monkeypatch, mesh_shape, placements, batch):
     """torch 2.11's view algebra refuses to fold a sharded seq into tokens; our rule takes over
     there. Where torch answers (2.13), both must agree, errors included."""
-    from dtensor_attn import _compat
-
     def run():
         try:
             return infer_out_placements(placements, Layout.BLNH, Layout.TNH, global_shape=(batch, 16, 8, 32), mesh_shape=mesh_shape)
@@ -144,12 +160,5 @@ def test_own_flatten_rule_equals_torch_view_algebra(monkeypatch, mesh_shape, pla
             return type(e)
 
     torch_answer = run()
-    real = _compat.propagate_view_placements
-
-    def refuse_flatten(p, shape, rule, mesh):
-        if any(type(r).__name__ == "Flatten" for r in rule):
-            raise RuntimeError("Attempted to flatten multiple dimensions, with dimension 1 being sharded.")
-        return real(p, shape, rule, mesh)
-
-    monkeypatch.setattr(_compat, "propagate_view_placements", refuse_flatten)
+    _refuse_torch_view_algebra(monkeypatch)
     assert run() == torch_answer
