@@ -38,11 +38,29 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/conformance.md and DIR/conformance.html")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dtensor_attn.report import run_report
+
+    report = run_report(args.out)
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts.items()))
+    print(f"{counts}; wrote {report.markdown} and {report.html}")
+    return report.exit_code
+
+
 COMMANDS: dict[str, Command] = {
     "explain": Command(
         "which global indices each rank holds, and why a _StridedShard does not decode",
         _explain_arguments,
         _explain,
+    ),
+    "report": Command(
+        "run the conformance matrix on LocalMapAttention over every backend; write Markdown and HTML",
+        _report_arguments,
+        _report,
     ),
 }
 

@@ -28,7 +28,11 @@ from torch.distributed._local_tensor import (  # noqa: F401  (re-exported)
 )
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: F401
 
+# What RowwiseParallel returns by default: its value is only final after .wait().
+from torch.distributed._functional_collectives import AsyncCollectiveTensor  # noqa: F401
+
 __all__ = [
+    "AsyncCollectiveTensor",
     "FLEX_CP_HOOK_TRAILING_ARGS",
     "enable_ring_attention",
     "packed_strided_shard_probe",

@@ -80,4 +80,7 @@ def math_attention(
     # exp(-inf - finite) = 0 for a fully masked row instead of nan.
     finite_lse_BNL = torch.where(torch.isinf(lse_BNL), torch.zeros_like(lse_BNL), lse_BNL)
     probs_BNLL = torch.exp(scores_BNLL - finite_lse_BNL[..., None])
-    return torch.matmul(probs_BNLL, v_BNLH), lse_BNL
+    # In BLNH memory, as torch's kernels lay out their output: a BLNH caller's transpose back
+    # is contiguous, so a model's out.view(B, L, -1) works.
+    out_BNLH = torch.matmul(probs_BNLL, v_BNLH).transpose(1, 2).contiguous().transpose(1, 2)
+    return out_BNLH, lse_BNL

@@ -2,34 +2,70 @@
 
 Inside ``simulated_mesh`` every DTensor's local tensor is a LocalTensor holding one shard per
 rank, and collectives are computed in memory, so a test sees every rank's values without
-processes. The fake process group is the default group for the simulated world size; it is
-re-created only when the world size changes.
+processes. One fake process group of ``MAX_SIMULATED_RANKS`` ranks serves every test, and each
+mesh takes ranks 0..n-1 of it: re-creating the group when the world size changes left DTensor
+holding meshes of destroyed groups ("Could not resolve the process group registered under the
+name 11", seen in the attention matrix).
+
+The pytest plugin uses ``SimulatedMeshes``: the same thing split at test boundaries, with the
+meshes cached per axes (for as long as the fake group they were built on is the default group).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 
+import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
-from dtensor_attn._compat import FakeStore, LocalTensorMode, maybe_disable_local_tensor_mode
+from dtensor_attn._compat import FakeStore, LocalTensorMode, maybe_disable_local_tensor_mode, simulate_cp_all_gather
+from dtensor_attn.testing.meshspec import num_ranks, validate_axes
+
+MAX_SIMULATED_RANKS = 1024
 
 
 def ensure_fake_process_group(world_size: int) -> None:
-    """Make the default group a fake one of ``world_size`` ranks (no-op if it already is)."""
+    """Make sure the default group is a fake one with at least ``world_size`` ranks."""
+    if world_size > MAX_SIMULATED_RANKS:
+        raise ValueError(
+            f"simulated meshes have at most {MAX_SIMULATED_RANKS} ranks, asked for {world_size}."
+        )
     if dist.is_initialized():
-        if dist.get_backend() == "fake" and dist.get_world_size() == world_size:
-            return
         if dist.get_backend() != "fake":
             raise RuntimeError(
                 "simulated ranks need the fake process group, but a real one "
                 f"({dist.get_backend()}) is initialised in this process"
             )
-        dist.destroy_process_group()
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+        if dist.get_world_size() < world_size:
+            raise RuntimeError(
+                f"a fake process group of {dist.get_world_size()} ranks is initialised; the "
+                f"simulated mesh needs {world_size}. Fix: let simulated_mesh create the group."
+            )
+        return
+    dist.init_process_group("fake", rank=0, world_size=MAX_SIMULATED_RANKS, store=FakeStore())
+
+
+def build_simulated_mesh(axes: Mapping[str, int], device_type: str = "cpu") -> DeviceMesh:
+    """A mesh on ranks 0..n-1 of the shared fake group (n = the product of the axis sizes)."""
+    validate_axes(axes, "simulated_mesh")
+    world_size = num_ranks(axes)
+    ensure_fake_process_group(world_size)
+    with maybe_disable_local_tensor_mode():
+        ranks = torch.arange(world_size).view(tuple(axes.values()))
+        return DeviceMesh(device_type, ranks, mesh_dim_names=tuple(axes))
+
+
+@contextlib.contextmanager
+def simulated_ranks(world_size: int) -> Iterator[None]:
+    """Run the body on ``world_size`` simulated ranks (LocalTensorMode).
+
+    torch's CP all-gather op runs per rank on the fake group and would repeat each rank's own
+    chunk: the simulation rule for it is registered first (once per process)."""
+    simulate_cp_all_gather()
+    with LocalTensorMode(frozenset(range(world_size))):
+        yield
 
 
 @contextlib.contextmanager
@@ -38,11 +74,35 @@ def simulated_mesh(axes: Mapping[str, int], device_type: str = "cpu") -> Iterato
 
     The body runs under LocalTensorMode: results of collectives hold every rank's value.
     """
-    names = tuple(axes)
-    shape = tuple(axes.values())
-    world_size = math.prod(shape) if shape else 1
-    ensure_fake_process_group(world_size)
-    with LocalTensorMode(frozenset(range(world_size))):
-        with maybe_disable_local_tensor_mode():
-            mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    mesh = build_simulated_mesh(axes, device_type)
+    with simulated_ranks(mesh.size()):
         yield mesh
+
+
+class SimulatedMeshes:
+    """Meshes cached per axes; the cache is dropped if the default group is no longer the one
+    the meshes were built on (someone destroyed and re-created it in this process)."""
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        self.device_type = device_type
+        self._meshes: dict[tuple[tuple[str, int], ...], DeviceMesh] = {}
+        self._group: object = None
+
+    def get(self, axes: Mapping[str, int]) -> DeviceMesh:
+        ensure_fake_process_group(num_ranks(axes))
+        group = dist.group.WORLD
+        if group is not self._group:
+            self._meshes.clear()
+            self._group = group
+        key = tuple(axes.items())
+        mesh = self._meshes.get(key)
+        if mesh is None:
+            mesh = build_simulated_mesh(axes, self.device_type)
+            self._meshes[key] = mesh
+        return mesh
+
+    def enter(self, axes: Mapping[str, int], stack: contextlib.ExitStack) -> DeviceMesh:
+        """Build (or reuse) the mesh, then enter simulated ranks until ``stack`` closes."""
+        mesh = self.get(axes)
+        stack.enter_context(simulated_ranks(mesh.size()))
+        return mesh

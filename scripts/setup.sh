@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Install what dtensor_attn needs, without ever replacing a torch that is already installed.
+#
+# usage: bash scripts/setup.sh        (PYTHON=python3.11 bash scripts/setup.sh for another one)
+#
+# - no torch importable: install torch==2.13.0 (not whatever newest release a bare "torch"
+#   requirement would pull);
+# - then the package in editable mode with its test dependencies (pytest, pytest-xdist,
+#   expecttest), with the installed torch pinned so that pip cannot swap it;
+# - quick and idempotent: one Python start-up, and nothing to do when all is in place.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# Prints "no-torch", or "<torch version> ok" when this checkout is installed with its plugin
+# and test dependencies, or "<torch version> install" otherwise.
+state=$("$PYTHON" - "$PWD" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.util import find_spec
+from pathlib import Path
+
+try:
+    import torch
+except ImportError:
+    print("no-torch")
+    sys.exit()
+ready = all(find_spec(name) for name in ("pytest", "xdist", "expecttest"))
+try:
+    version("dtensor_attn")
+    spec = find_spec("dtensor_attn")
+    here = Path(spec.origin).resolve().parents[1] == Path(sys.argv[1]).resolve()
+    plugin = any(ep.value == "dtensor_attn.testing.plugin" for ep in entry_points(group="pytest11"))
+    ready = ready and here and plugin and int(version("pytest").split(".")[0]) >= 8
+except PackageNotFoundError:
+    ready = False
+print(torch.__version__, "ok" if ready else "install")
+PY
+)
+
+if [[ $state == no-torch ]]; then
+  echo "setup.sh: no torch importable by $PYTHON; installing torch==2.13.0"
+  "$PYTHON" -m pip install "torch==2.13.0"
+  state="$("$PYTHON" -c 'import torch; print(torch.__version__)') install"
+fi
+torch_version=${state% *}
+if [[ $state == *" ok" ]]; then
+  echo "setup.sh: dtensor_attn (this checkout), torch $torch_version, pytest, pytest-xdist and expecttest already installed"
+  exit 0
+fi
+
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" > "$constraints"  # keep the user's torch: fail rather than swap it
+echo "setup.sh: installing dtensor_attn (editable) and its test dependencies; torch $torch_version kept"
+"$PYTHON" -m pip install -c "$constraints" -e .

@@ -1,0 +1,139 @@
+"""The torchrun session's store protocol without torchrun: ranks are threads of this process
+sharing a TCPStore, phases are pytest TestReports. (The planted torchrun suites check the same
+end to end; these show each rule apart, in a second.)"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import types
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch.distributed as dist
+
+from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY
+from dtensor_attn.testing.torchrun_env import RunSettings, TorchrunEnv
+from dtensor_attn.testing.torchrun_session import TorchrunSession
+
+NODE = "t.py::test_x"
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    """Two ranks' sessions on one store (a master TCPStore on a free port)."""
+    server = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    settings = RunSettings(out_dir=tmp_path, timeout_s=1.0)
+    made = []
+    for rank in (0, 1):
+        env = TorchrunEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2,
+                          master_addr="localhost", master_port=server.port, run_id="t",
+                          attempt="0")
+        session = TorchrunSession(env, settings)
+        session.open_side_channel()
+        made.append(session)
+    yield made
+    for session in made:
+        session.watchdog.stop()
+        session.log.close()
+    del server
+
+
+def _report(outcome, when="call", text=""):
+    longrepr = None
+    if outcome == "failed":
+        longrepr = text
+    elif outcome == "skipped":
+        longrepr = ("t.py", 1, f"Skipped: {text}")
+    return pytest.TestReport(NODE, ("t.py", 1, "test_x"), {}, outcome, longrepr, when)
+
+
+def _phase(sessions, outcomes, when="call"):
+    """Run one phase on every rank concurrently; returns the reports after agreement."""
+    item = types.SimpleNamespace(nodeid=NODE, session=types.SimpleNamespace(shouldfail=False))
+    call = types.SimpleNamespace(when=when)
+    reports = {}
+
+    def rank_main(session, outcome):
+        session.begin_phase(NODE, when)
+        session.end_phase()
+        if outcome is None:
+            return  # this rank never reports: it died
+        reports[session.rank] = report = _report(*outcome) if isinstance(outcome, tuple) \
+            else _report(outcome, when)
+        session.agree(item, call, report)
+
+    threads = [threading.Thread(target=rank_main, args=(s, o)) for s, o in zip(sessions, outcomes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return reports, item
+
+
+def test_all_pass_stays_passed(sessions):
+    reports, item = _phase(sessions, ["passed", "passed"])
+    assert [reports[r].outcome for r in (0, 1)] == ["passed", "passed"]
+    assert item.session.shouldfail is False
+
+
+def test_one_rank_failing_fails_both_with_the_root_cause_text(sessions):
+    reports, item = _phase(sessions, ["passed", ("failed", "call", "AssertionError: planted")])
+    for rank in (0, 1):
+        assert reports[rank].outcome == "failed"
+        assert reports[rank].longreprtext.startswith(
+            "failed in call on rank 1 first (root cause); every rank fails it.")
+        assert "AssertionError: planted" in reports[rank].longreprtext
+        assert (ROOT_CAUSE_PROPERTY, "1") in reports[rank].user_properties
+    assert item.session.shouldfail is False  # both reported, in step: the run goes on
+    assert sessions[0].failures[0][:2] == (NODE, "call")
+
+
+def test_a_rank_that_never_reports_stops_the_run(sessions):
+    reports, item = _phase(sessions, ["passed", None])
+    assert reports[0].outcome == "failed"
+    assert "rank 1: no report within 3 s: it died or hung" in reports[0].longreprtext
+    assert item.session.shouldfail.startswith("dtensor_attn stopping the run after t.py::test_x")
+    assert sessions[0].live_ranks == {0}
+
+
+def test_a_rank_dependent_skip_is_a_failure(sessions):
+    reports, _ = _phase(sessions, [("skipped", "setup", "only here"), "passed"], when="setup")
+    assert reports[0].outcome == reports[1].outcome == "failed"
+    assert "skipped on ranks [0] (Skipped: only here), not skipped on ranks [1]" in \
+        reports[1].longreprtext
+
+
+def _on_every_rank(sessions, fn):
+    """{rank: fn(session)}, the ranks running concurrently (each waits for the others)."""
+    results = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s.rank, fn(s)))
+               for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_collection_lists_are_compared_through_the_store(sessions):
+    lists = {0: ["t.py::a", "t.py::b"], 1: ["t.py::a", "t.py::b", "t.py::c"]}
+    results = _on_every_rank(sessions, lambda s: s.check_collection(lists[s.rank]))
+    assert results[0] == results[1]
+    assert "rank 1 collected 3 tests, rank 0 2; only on rank 1: t.py::c" in results[0]
+
+
+def test_junit_gets_one_case_per_test_after_teardown(sessions, tmp_path):
+    for when in ("setup", "call", "teardown"):
+        outcomes = ["passed", ("failed", "call", "boom")] if when == "call" else ["passed"] * 2
+        _phase(sessions, outcomes, when=when)
+    _on_every_rank(sessions, lambda session: session.finish(num_collected=1))
+    assert sessions[0].rank_summaries == {
+        r: {"failed": 1, "stop_reason": ""} for r in (0, 1)}
+    suite = ET.parse(tmp_path / "rank0.xml").getroot().find("testsuite")
+    (case,) = suite.iter("testcase")
+    assert case.get("nodeid") == NODE and case.find("failure") is not None
+    assert suite.get("failures") == "1" and suite.get("complete") == "true"
+    log = (tmp_path / "rank0.log").read_text()
+    assert "start call t.py::test_x" in log and "call t.py::test_x FAILED on every rank" in log

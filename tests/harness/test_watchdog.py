@@ -1,0 +1,108 @@
+"""The per-rank watchdog: hung vs stuck, stack dumps, and no false alarm for a phase that ends.
+
+The test thread plays the rank's main thread; it waits for the watchdog's verdict with a
+deadline instead of sleeping a fixed time, so a loaded machine slows these tests, not breaks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import time
+
+from dtensor_attn.testing.agreement import FAILED, HUNG, STUCK
+from dtensor_attn.testing.watchdog import PhaseWatchdog
+
+DEADLINE_S = 20.0
+
+
+@contextlib.contextmanager
+def watchdog(tmp_path, *, timeout_s, grace_s=0.1, peer_failed=lambda index: False):
+    """(watchdog, declared calls, log path); the watchdog runs for the block."""
+    declared = []
+    log_path = tmp_path / "rank0.log"
+    with open(log_path, "w") as log:
+        dog = PhaseWatchdog(timeout_s=timeout_s, grace_s=grace_s, log_file=log, poll_s=0.02,
+                            peer_failed=peer_failed,
+                            declare=lambda *args: declared.append(args))
+        dog.start()
+        try:
+            yield dog, declared, log_path
+        finally:
+            dog.stop()
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, "the watchdog did not decide in time"
+        time.sleep(0.01)
+
+
+def test_a_phase_that_ends_in_time_is_never_declared(tmp_path):
+    with watchdog(tmp_path, timeout_s=5.0) as (dog, declared, _):
+        for index in range(3):
+            dog.begin(index, "t.py::fast", "call")
+            time.sleep(0.05)
+            assert dog.end() is None
+        time.sleep(0.2)
+        assert declared == []
+
+
+def test_a_phase_past_the_timeout_is_hung_with_a_stack_dump(tmp_path):
+    with watchdog(tmp_path, timeout_s=0.3) as (dog, declared, log_path):
+        dog.begin(7, "t.py::slow", "call")
+        wait_until(lambda: declared)
+        assert dog.end() == HUNG
+    ((phase, outcome, text),) = declared
+    assert (phase.index, phase.nodeid, outcome) == (7, "t.py::slow", HUNG)
+    assert text == "hung: the call of t.py::slow ran past the 0.3 s timeout"
+    log = log_path.read_text()
+    assert "stacks of every thread" in log
+    assert "in wait_until" in log and "in test_a_phase_past_the_timeout_is_hung" in log
+
+
+def test_a_phase_another_rank_failed_is_stuck_after_the_grace(tmp_path):
+    with watchdog(tmp_path, timeout_s=60.0, peer_failed=lambda index: index == 1) as (
+        dog, declared, _,
+    ):
+        dog.begin(0, "t.py::t", "setup")  # nobody failed phase 0
+        time.sleep(0.3)
+        assert dog.end() is None
+        dog.begin(1, "t.py::t", "call")
+        wait_until(lambda: declared)
+        assert dog.end() == STUCK
+    ((_, outcome, text),) = declared
+    assert text == ("stuck: still in the call of t.py::t 0.1 s after another rank failed it, "
+                    "probably waiting in a collective that rank never joined")
+
+
+def test_losing_the_store_ends_the_rank(tmp_path):
+    def store_gone(index):
+        raise RuntimeError("connection reset")
+
+    with watchdog(tmp_path, timeout_s=60.0, peer_failed=store_gone) as (dog, declared, _):
+        dog.begin(1, "t.py::t", "call")
+        wait_until(lambda: declared)
+        dog.end()
+    assert declared[0][1] == FAILED
+    assert declared[0][2] == "lost the launcher's store during the call of t.py::t: connection " \
+                             "reset"
+
+
+def test_waiting_inside_torch_distributed_past_the_timeout_is_stuck(tmp_path):
+    # A stand-in for a blocked collective: a function whose file lives under torch/distributed/.
+    fake = tmp_path / "torch" / "distributed" / "fake_c10d.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import time\n\n\ndef all_reduce(done):\n    while not done():\n"
+                    "        time.sleep(0.01)\n")
+    spec = importlib.util.spec_from_file_location("fake_c10d", fake)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with watchdog(tmp_path, timeout_s=0.3) as (dog, declared, _):
+        dog.begin(2, "t.py::t", "call")
+        deadline = time.monotonic() + DEADLINE_S
+        module.all_reduce(lambda: declared or time.monotonic() > deadline)
+        assert dog.end() == STUCK
+    assert declared[0][2].startswith("stuck: the call of t.py::t ran past the 0.3 s timeout "
+                                     "waiting in all_reduce (called from test_watchdog.py:")
