@@ -13,6 +13,8 @@ ConformanceOptions).
 from __future__ import annotations
 
 import pytest
+
+from dtensor_attn._compat import packed_strided_shard_usable
 import torch
 
 import attention_subjects as subjects
@@ -67,9 +69,15 @@ def test_local_map_attention_passes_the_whole_matrix(backend, layout, mesh_name)
     result.raise_for_failures()
     docs = {c.id for c in result.cases if c.mask == "docs"}
     expected_skips = docs if REGISTRY[backend].mask_type is None else set()
+    if layout is Layout.TNH and "cp" in mesh_name and not packed_strided_shard_usable():
+        # torch 2.11: the packed output's _StridedShard cannot be checked (nor used) there
+        expected_skips = {c.id for c in result.cases if "cache" not in c.id}  # the probe also calls non-CP meshes
+        assert all("_StridedShard" in c.reason for c in result.with_status(Status.SKIP))
+    else:
+        assert all("packed-document" in c.reason for c in result.with_status(Status.SKIP))
     assert _ids(result, Status.SKIP) == expected_skips
-    assert all("packed-document" in c.reason for c in result.with_status(Status.SKIP))
-    assert len(_ids(result, Status.PASS)) == len(result.cases) - len(expected_skips) == 4 + probe - len(expected_skips)
+    assert len(_ids(result, Status.PASS)) == len(result.cases) - len(expected_skips)
+    assert len(result.cases) == 4 + probe
 
 
 @pytest.mark.parametrize("backend,layout", _variants())

@@ -14,6 +14,8 @@ output where the backend offers it; every module returns the LSE, so its row sho
 from __future__ import annotations
 
 import pytest
+
+from dtensor_attn._compat import packed_strided_shard_usable
 import torch
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -63,6 +65,8 @@ def _table(inners, mesh, axes) -> str:
 
 @pytest.mark.parametrize("axes", MESHES)
 def test_golden_placements(mesh, axes):
+    if "cp" in axes and not packed_strided_shard_usable():
+        pytest.skip("this torch cannot use a _StridedShard downstream (torch 2.11): LocalMapAttention refuses packed output under CP there")
     assert_golden(_table(_inner_modules(), mesh, axes), f"placements_{mesh_id(axes)}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from dtensor_attn.backends import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,7 +16,8 @@ README = (ROOT / "README.md").read_text()
 def test_file_tree_names_every_module():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.split()
     modules = [p for p in tracked if p.startswith(("dtensor_attn/", "scripts/", "benchmarks/")) and not p.endswith(".txt")]
-    assert modules, "git ls-files found nothing: not a checkout?"
+    if not modules:
+        pytest.skip("not a git checkout (git ls-files lists nothing): the tree cannot be compared")
     missing = [p for p in modules if p not in README]
     assert not missing, f"README file tree lacks {missing}"
 
