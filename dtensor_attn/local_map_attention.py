@@ -222,7 +222,7 @@ class LocalMapAttention(nn.Module):
                 f"{self.name}: k and v must have the same placements in {layout.name}; expected "
                 f"v {format_placements(k_pl)}, got {format_placements(v_pl)}. Fix: distribute v like k."
             )
-        seq_dim, heads_dim = layout.seq_dim, layout.heads_dim
+        seq_dim = layout.seq_dim
         cp_axes = tuple(i for i, p in enumerate(q_pl) if p == Shard(seq_dim))
         expected_kv = tuple(p if i not in cp_axes else Shard(seq_dim) for i, p in enumerate(q_pl))
         if k_pl != expected_kv:

@@ -1,6 +1,6 @@
 """The typed backend registry: one entry per backend, iterated by tests, CLI and README."""
 
-from dtensor_attn.backends.base import InnerAttention
+from dtensor_attn.backends.base import BNLHKernelAttention, InnerAttention
 from dtensor_attn.backends.flex import FlexAttention, FlexDocumentMask
 from dtensor_attn.backends.sdpa import SDPAAttention
 from dtensor_attn.backends.varlen import VarlenAttention, VarlenDocumentMask
@@ -14,6 +14,7 @@ REGISTRY: dict[Backend, type[InnerAttention]] = {
 
 __all__ = [
     "REGISTRY",
+    "BNLHKernelAttention",
     "FlexAttention",
     "FlexDocumentMask",
     "InnerAttention",

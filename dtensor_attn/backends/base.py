@@ -140,6 +140,30 @@ class InnerAttention(nn.Module):
         )
 
 
+class BNLHKernelAttention(InnerAttention):
+    """An inner attention whose kernel takes (B, N, L, H) (sdpa, flex): the layout change is the
+    transpose here, at the kernel call, and back; both are views. Subclasses implement
+    ``_kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L) -> (out_BNLH, lse_BNL)``."""
+
+    @property
+    def lse_layout(self) -> Layout | None:
+        return Layout.BNL if self.config.return_lse else None
+
+    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
+        self._check_mask(mask)
+        self._check_qkv(q, k, v)
+        legacy = self.in_layout is Layout.BNLH
+        q_BNLH = q if legacy else q.transpose(1, 2)
+        k_BNLH = k if legacy else k.transpose(1, 2)
+        v_BNLH = v if legacy else v.transpose(1, 2)
+        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L)
+        out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
+        return (out, lse_BNL) if self.config.return_lse else out
+
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+        raise NotImplementedError
+
+
 def in_simulation() -> bool:
     """Simulated ranks run per-rank tensors through torch's dispatcher; only sdpa has rules."""
     return _compat.local_tensor_mode_active()

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 from dtensor_attn import _compat
-from dtensor_attn.backends.base import InnerAttention, in_simulation
+from dtensor_attn.backends.base import BNLHKernelAttention, in_simulation
 from dtensor_attn.backends.math_kernel import math_attention
 from dtensor_attn.config import Backend, Kernel
-from dtensor_attn.layout import Layout
 from dtensor_attn.masks import DocumentMask
 
 
@@ -24,7 +23,7 @@ class FlexDocumentMask(DocumentMask):
     """Packed-document mask for the flex backend."""
 
 
-class FlexAttention(InnerAttention):
+class FlexAttention(BNLHKernelAttention):
     backend = Backend.FLEX
     mask_type = FlexDocumentMask
 
@@ -34,27 +33,11 @@ class FlexAttention(InnerAttention):
         # Plain causal block masks depend only on shapes: build each once, not per call.
         self._causal_block_masks: dict[tuple, object] = {}
 
-    @property
-    def lse_layout(self) -> Layout | None:
-        return Layout.BNL if self.config.return_lse else None
-
     def native_kernel_available(self, device: torch.device) -> bool:
         if in_simulation():
             return False
         # Eager CPU flex runs forward only: use it only when asked for explicitly.
         return device.type == "cuda" or self.config.kernel is Kernel.NATIVE
-
-    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
-        self._check_mask(mask)
-        self._check_qkv(q, k, v)
-        legacy = self.in_layout is Layout.BNLH
-        # The layout change, at the kernel call: flex wants (B, N, L, H).
-        q_BNLH = q if legacy else q.transpose(1, 2)
-        k_BNLH = k if legacy else k.transpose(1, 2)
-        v_BNLH = v if legacy else v.transpose(1, 2)
-        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L)
-        out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
-        return (out, lse_BNL) if self.config.return_lse else out
 
     def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
         cfg = self.config

@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtensor_attn.backends.base import InnerAttention
+from dtensor_attn.backends.base import BNLHKernelAttention
 from dtensor_attn.backends.math_kernel import math_attention
 from dtensor_attn.config import Backend
-from dtensor_attn.layout import Layout
 
 
-class SDPAAttention(InnerAttention):
+class SDPAAttention(BNLHKernelAttention):
     backend = Backend.SDPA
 
     @classmethod
@@ -30,26 +29,11 @@ class SDPAAttention(InnerAttention):
             )
         return None
 
-    @property
-    def lse_layout(self) -> Layout | None:
-        return Layout.BNL if self.config.return_lse else None
-
     def native_kernel_available(self, device: torch.device) -> bool:
         return True
 
-    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
-        self._check_mask(mask)
-        self._check_qkv(q, k, v)
-        legacy = self.in_layout is Layout.BNLH
-        # The layout change, at the kernel call: sdpa wants (B, N, L, H).
-        q_BNLH = q if legacy else q.transpose(1, 2)
-        k_BNLH = k if legacy else k.transpose(1, 2)
-        v_BNLH = v if legacy else v.transpose(1, 2)
-        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, q_seq_index_L, kv_seq_index_L)
-        out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
-        return (out, lse_BNL) if self.config.return_lse else out
-
-    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, q_seq_index_L, kv_seq_index_L):
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+        # mask is always None here: _check_mask refuses every mask for sdpa.
         cfg = self.config
         scale = self.scale_for(q_BNLH.shape[-1])
         num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]

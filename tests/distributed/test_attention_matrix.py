@@ -16,7 +16,6 @@ values by O(1).
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, PlacementError
