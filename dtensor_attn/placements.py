@@ -117,10 +117,14 @@ def infer_out_placements(
     if atom_shape != shape:
         rule = _compat.view_groups(shape, atom_shape)
         try:
-            _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
-        except RuntimeError:  # torch 2.11 cannot split a strided shard: the inverse of step 4
-            placements = _split_tokens(placements, in_layout, sizes, mesh_shape, module)
-        placements, shape = tuple(placements), atom_shape
+            _, split = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+        except RuntimeError:
+            split = None
+        if split is None or any(isinstance(p, StridedShard) for p in split):
+            # torch 2.11 keeps the strided shard on the batch dim (measured: _S(0, 4) where the
+            # seq shard is meant) or refuses: use the inverse of step 4 instead.
+            split = _split_tokens(placements, in_layout, sizes, mesh_shape, module)
+        placements, shape = tuple(split), atom_shape
 
     # 2. Drop atoms the output lacks (head_dim for an LSE): only if nothing shards them.
     out_atoms = out_layout.atoms
