@@ -3,7 +3,8 @@
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
 
-Every backend x public layout (BLNH, legacy BNLH, varlen's packed TNH output) x mesh x GQA x
+Every backend x public layout (BLNH, legacy BNLH, varlen's packed TNH output) x mesh (tp 1/2/4/8,
+cp2 x tp4, dp2 x cp2 x tp2) x GQA x
 LSE: the full output, LSE and q/k/v gradients, on every rank, equal the float64 single-device
 reference, and the output placements equal the explicit table below (written out by hand, not
 computed by the code under test).
@@ -45,10 +46,12 @@ CASES = [
 ]
 
 MESHES = [
+    pytest.param("tp", marks=pytest.mark.mesh(tp=1), id="tp1"),
     pytest.param("tp", marks=pytest.mark.mesh(tp=2), id="tp2"),
     pytest.param("tp", marks=pytest.mark.mesh(tp=4), id="tp4"),
     pytest.param("tp", marks=pytest.mark.mesh(tp=8), id="tp8"),
     pytest.param("cp,tp", marks=pytest.mark.mesh(cp=2, tp=4), id="cp2xtp4"),
+    pytest.param("dp,cp,tp", marks=pytest.mark.mesh(dp=2, cp=2, tp=2), id="dp2xcp2xtp2"),
 ]
 
 # The table: placements per mesh kind and layout, for tensors and for LSEs.
@@ -61,10 +64,21 @@ SEQ_HEADS = {  # (cp shards seq, tp shards heads)
     Layout.TN: (StridedShard(0, split_factor=BATCH), Shard(1)),
 }
 HEADS = {layout: (seq_heads[1],) for layout, seq_heads in SEQ_HEADS.items()}
+# dp shards batch: dim 0 everywhere; with BATCH=2 on dp=2 the local batch is 1, so the packed
+# seq shard is a plain Shard(0) (DESIGN.md section 1), not a _StridedShard.
+BATCH_SEQ_HEADS = {
+    Layout.BLNH: (Shard(0), Shard(1), Shard(2)),
+    Layout.BNLH: (Shard(0), Shard(2), Shard(1)),
+    Layout.TNH: (Shard(0), Shard(0), Shard(1)),
+    Layout.BLN: (Shard(0), Shard(1), Shard(2)),
+    Layout.BNL: (Shard(0), Shard(2), Shard(1)),
+    Layout.TN: (Shard(0), Shard(0), Shard(1)),
+}
+TABLES = {"tp": HEADS, "cp,tp": SEQ_HEADS, "dp,cp,tp": BATCH_SEQ_HEADS}
 
 
 def _expected(mesh_kind: str, layout: Layout):
-    return SEQ_HEADS[layout] if mesh_kind == "cp,tp" else HEADS[layout]
+    return TABLES[mesh_kind][layout]
 
 
 @pytest.mark.parametrize("return_lse", [False, True], ids=["", "lse"])
