@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -86,11 +87,15 @@ def test_seed_bug_points_at_the_wrapper_output():
         (q, k, v), dtensors = inputs(mesh, 8, [Shard(2)])
         trace = trace_placements(Block(PackedAttention(copied)), *dtensors)
         report = trace.render()
-        assert trace.error is None  # torch 2.13: no error, and (below) wrong values
-        assert not torch.equal(trace.output.full_tensor(), attention_BLNH(q, k, v).reshape(B, L, -1))
+        if trace.error is None:  # torch 2.13: the view makes a _StridedShard, and wrong values
+            assert not torch.equal(trace.output.full_tensor(), attention_BLNH(q, k, v).reshape(B, L, -1))
+            expected_kind = "strided"
+        else:  # torch 2.11: DTensor refuses the view of the mislabelled dim, far from the cause
+            assert "Attempted to flatten" in str(trace.error)
+            expected_kind = "failure"
     assert not trace.ok
     first = trace.first_problem
-    assert first.kind == "strided" and "#2 aten.view.default" in first.title
+    assert first.kind == expected_kind and "#2 aten.view.default" in first.title
     cause = trace.events[first.cause]
     assert cause.is_local_map and cause.name == "local_map(packed_attention)" and cause.module == "attn (PackedAttention)"
     assert "likely cause: #1 local_map(packed_attention) in attn (PackedAttention): output 0 declared (S(2))" in report
@@ -98,7 +103,10 @@ def test_seed_bug_points_at_the_wrapper_output():
     assert "the declared Shard(2) is head_dim x tp" in report
     assert "claims global shape (B*L, N/tp, H*tp) = (8, 2, 12) instead of (B*L, N, H) = (8, 8, 3)" in report
     assert "fix: declare out_placements (S(1)) for output 0" in report
-    assert "first _StridedShard at #2 aten.view.default in Block: (S(2)) (8, 2, 12) -> (_S(2, 2)) (2, 4, 24)" in report
+    if expected_kind == "strided":
+        assert "first _StridedShard at #2 aten.view.default in Block: (S(2)) (8, 2, 12) -> (_S(2, 2)) (2, 4, 24)" in report
+    else:
+        assert "PROBLEM: propagation failed at #2 aten.view.default" in report
 
 
 def test_correct_wrapper_gives_no_alarm():
@@ -130,6 +138,7 @@ def test_packed_tokens_under_cp_x_tp():
         _, dtensors = inputs(mesh, 4, [Shard(1), Shard(2)])
         good = trace_placements(Block(PackedAttention(lambda _: strided)), *dtensors)
         bad = trace_placements(Block(PackedAttention(lambda _: (Shard(0), Shard(1)))), *dtensors)
+    _skip_where_dtensor_refuses_the_view(good)  # 2.11 cannot view the (correct) strided tokens back
     assert good.ok and good.findings == []
     assert good.events[-1].outputs[0].placements == (Shard(1), Shard(2))  # viewed back: (B, L, N*H)
     assert not bad.ok
@@ -150,6 +159,13 @@ def test_failed_propagation_is_recorded_with_its_cause():
     assert "the call raised RuntimeError" in trace.render()
 
 
+def _skip_where_dtensor_refuses_the_view(trace) -> None:
+    """These tests follow ops computed on the _StridedShard a view makes; torch 2.11's DTensor
+    refuses that view (the seed test above covers what the trace says there)."""
+    if trace.error is not None and "Attempted to flatten" in str(trace.error):
+        pytest.skip(f"this torch's DTensor cannot view a sharded dim into a flattened one: {trace.error}")
+
+
 def test_plain_function_and_later_ops_on_undecodable_strided_shard():
     """Tracing a function (not a module) that keeps computing on an undecodable _StridedShard."""
 
@@ -160,6 +176,7 @@ def test_plain_function_and_later_ops_on_undecodable_strided_shard():
     with simulated_mesh({"tp": 4}) as mesh:
         _, dtensors = inputs(mesh, 8, [Shard(2)])
         trace = trace_placements(step, *dtensors)
+    _skip_where_dtensor_refuses_the_view(trace)
     assert trace.error is None and not trace.ok
     assert trace.target.endswith("step")
     assert trace.events[trace.first_problem.cause].module == "PackedAttention"
@@ -178,6 +195,7 @@ def test_another_profiler_is_left_alone():
             assert sys.getprofile() is other
         finally:
             sys.setprofile(None)
+    _skip_where_dtensor_refuses_the_view(trace)
     assert not trace.boundaries_seen
     assert "local_map boundaries were not recorded" in trace.render()
     (note,) = trace.findings  # the _StridedShard still shows, as a note: no boundary to blame
