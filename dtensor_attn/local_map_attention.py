@@ -106,8 +106,9 @@ class LocalMapAttention(nn.Module):
             plan = self._plans[key] = self._plan(q, k, v, mask)
         args = [q, k, v]
         if mask is not None:
-            mesh = q.device_mesh
-            args += [_as_dtensor(mask.q_document_ids_BL, mesh), _as_dtensor(mask.kv_document_ids_BL, mesh)]
+            q_doc_BL = _as_dtensor(mask.q_document_ids_BL, q.device_mesh)
+            same = mask.kv_document_ids_BL is mask.q_document_ids_BL
+            args += [q_doc_BL, q_doc_BL if same else _as_dtensor(mask.kv_document_ids_BL, q.device_mesh)]
         return plan.fn(*args, *plan.seq_index_args)
 
     # -- planning (once per signature) ----------------------------------------------------
@@ -320,7 +321,8 @@ def _bl_placements(placements: Placements, layout: Layout) -> Placements:
 
 
 def _as_dtensor(t: torch.Tensor, mesh) -> DTensor:
-    """A global (B, L) tensor as a DTensor (replicated; local_map slices it as needed)."""
+    """A global (B, L) tensor, the same on every rank, as a replicated DTensor; local_map slices
+    it as needed. from_local, not distribute_tensor: no broadcast on every forward."""
     if isinstance(t, DTensor):
         return t
-    return distribute_tensor(t, mesh, [Replicate()] * mesh.ndim)
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dtensor_attn import _compat
-from dtensor_attn._compat import Partial, Placement, Replicate, Shard, StridedShard
+from dtensor_attn._compat import Partial, Placement, Shard, StridedShard
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
 
@@ -254,5 +254,4 @@ __all__ = [
     "normalize_placements",
     "placements_equal",
     "sharded_mesh_axes",
-    "Replicate",
 ]
