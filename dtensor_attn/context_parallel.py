@@ -41,7 +41,7 @@ from dtensor_attn.backends import InnerAttention
 from dtensor_attn.config import Backend, Kernel
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Layout
-from dtensor_attn.load_balance import SeqOrder, seq_permutation
+from dtensor_attn.load_balance import SeqOrder, global_seq_index
 from dtensor_attn.placements import Placements, format_placements
 
 
@@ -259,9 +259,7 @@ class _AllGatherInputs:
         mask = args[3] if len(args) == 4 else kwargs.get("mask")
         seq_dim, degree = module.in_layout.seq_dim, self.cp_mesh.size()
         seq_len = q.shape[seq_dim] * degree
-        index_L = seq_permutation(self.order, seq_len, degree, device=q.device)
-        if index_L is None:
-            index_L = torch.arange(seq_len, device=q.device)
+        index_L = global_seq_index(self.order, seq_len, degree, device=q.device)
         if mask is not None:
             ids_BL = mask.q_document_ids_BL
             if ids_BL.shape[-1] != seq_len or mask.kv_document_ids_BL.shape[-1] != seq_len:

@@ -50,6 +50,12 @@ def seq_permutation(order: SeqOrder, seq_len: int, cp_degree: int, device=None) 
     return head_tail_permutation(seq_len, cp_degree, device)
 
 
+def global_seq_index(order: SeqOrder, seq_len: int, cp_degree: int, device=None) -> torch.Tensor:
+    """Original position of each index of the sequence as sharded: the permutation, or arange."""
+    permutation_L = seq_permutation(order, seq_len, cp_degree, device)
+    return torch.arange(seq_len, device=device) if permutation_L is None else permutation_L
+
+
 def permute_seq(x: torch.Tensor, permutation_L: torch.Tensor | None, seq_dim: int) -> torch.Tensor:
     """Reorder a global tensor's seq dim into shard order (a copy)."""
     return x if permutation_L is None else x.index_select(seq_dim, permutation_L.to(x.device))

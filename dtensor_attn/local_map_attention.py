@@ -26,7 +26,7 @@ from dtensor_attn._compat import Partial, Placement, Replicate, Shard, StridedSh
 from dtensor_attn.backends.base import InnerAttention
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
-from dtensor_attn.load_balance import SeqOrder, seq_permutation
+from dtensor_attn.load_balance import SeqOrder, global_seq_index
 from dtensor_attn.masks import DocumentMask
 from dtensor_attn.placements import (
     Placements,
@@ -188,9 +188,7 @@ class LocalMapAttention(nn.Module):
         for axis in cp_axes:
             cp_degree *= mesh.shape[axis]
         with torch.no_grad():
-            index_L = seq_permutation(self.seq_order, seq_len, cp_degree, device=mesh.device_type)
-            if index_L is None:
-                index_L = torch.arange(seq_len, device=mesh.device_type)
+            index_L = global_seq_index(self.seq_order, seq_len, cp_degree, device=mesh.device_type)
             q_placements = [Shard(0) if i in cp_axes else Replicate() for i in range(mesh.ndim)]
             q_index_L = distribute_tensor(index_L, mesh, q_placements)
             kv_index_L = distribute_tensor(index_L, mesh, [Replicate()] * mesh.ndim)
