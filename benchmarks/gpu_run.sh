@@ -2,14 +2,17 @@
 # Everything docs/gpu-results.md records, in one call on a GPU machine (no network there):
 # the GPU-only tests (real kernels, kernel launches), the distributed suite under torchrun with
 # NCCL on all GPUs, the whole simulated suite on that machine's torch, and the wrapper-overhead
-# benchmark. Logs go to $OUT (or out/gpu).
+# benchmark. Full logs go to $OUT (or out/gpu); the console gets each step's summary.
 #
-# usage: bash benchmarks/gpu_run.sh      (carry .whl with an expecttest wheel: see docs/gpu-results.md)
+# usage: bash benchmarks/gpu_run.sh [STEP...]   steps: gpu torchrun simulated wrapper (default: all)
+#        (carry .whl with an expecttest wheel: see docs/gpu-results.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+steps=("${@:-gpu torchrun simulated wrapper}")
+steps=" ${steps[*]} "
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -19,11 +22,22 @@ nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
-echo "=== GPU tests (real kernels, launches)"
-python3 -m pytest tests/gpu -q -rs -s 2>&1 | tee "$out/gpu-tests.log" | grep -E "kernels;|passed|failed|SKIPPED|FAILED"
-echo "=== torchrun, $ngpu GPU(s), NCCL"
-scripts/run_torchrun.sh -n "$ngpu" --backend nccl --out /tmp/torchrun-nccl 2>&1 | tail -25 | tee "$out/torchrun-nccl.log"
-echo "=== simulated suite on this machine's torch"
-python3 -m pytest -q -n 8 -p no:randomly tests/unit tests/distributed 2>&1 | tail -15 | tee "$out/simulated.log"
-echo "=== wrapper overhead"
-torchrun --standalone --nproc-per-node 1 benchmarks/wrapper_overhead.py --shard-heads 2 2>&1 | grep -E "^\||^#" | tee "$out/wrapper-overhead.md"
+if [[ $steps == *" gpu "* ]]; then
+  echo "=== GPU tests (real kernels, launches)"
+  python3 -m pytest tests/gpu -q -rs -s >"$out/gpu-tests.log" 2>&1
+  grep -E "kernels;|passed|failed|SKIPPED|FAILED" "$out/gpu-tests.log"
+fi
+if [[ $steps == *" torchrun "* ]]; then
+  echo "=== torchrun, $ngpu GPU(s), NCCL"
+  scripts/run_torchrun.sh -n "$ngpu" --backend nccl --out /tmp/torchrun-nccl >"$out/torchrun-nccl.log" 2>&1
+  tail -25 "$out/torchrun-nccl.log"
+fi
+if [[ $steps == *" simulated "* ]]; then
+  echo "=== simulated suite on this machine's torch"
+  python3 -m pytest -q -n 8 -p no:randomly -rfs --tb=short tests/unit tests/distributed >"$out/simulated.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/simulated.log" | tail -40
+fi
+if [[ $steps == *" wrapper "* ]]; then
+  echo "=== wrapper overhead"
+  torchrun --standalone --nproc-per-node 1 benchmarks/wrapper_overhead.py --shard-heads 2 2>&1 | tee "$out/wrapper-overhead.log" | grep -E "^\||^#"
+fi

@@ -65,6 +65,7 @@ __all__ = [
     "torch_shard_order",
     "tree_leaves",
     "varlen_attn_or_none",
+    "view_flattens_sharded_dims",
     "view_groups",
     "view_sources",
 ]
@@ -114,6 +115,18 @@ def propagate_view_placements(
         list(placements), tuple(global_shape), tuple(rule), tuple(mesh_shape), **kwargs
     )
     return list(needed), list(out)
+
+
+@functools.cache
+def view_flattens_sharded_dims() -> bool:
+    """Whether DTensor's view algebra folds a sharded non-leading dim into a flattened one,
+    answering with a ``_StridedShard`` (torch 2.13), rather than refusing ("Attempted to flatten
+    multiple dimensions, with dimension 1 being sharded", torch 2.11). Probed once, by behaviour."""
+    try:
+        propagate_view_placements([Shard(1)], (2, 4), view_groups((2, 4), (8,)), (2,))
+    except RuntimeError:
+        return False
+    return True
 
 
 def local_tensor_mode_active() -> bool:

@@ -157,48 +157,69 @@ def infer_out_placements(
     out_shape = out_layout.shape(sizes)
     if out_shape != shape:
         _check_even_flatten(placements, atoms, sizes, mesh_shape, out_layout, module)
-        rule = _compat.view_groups(shape, out_shape)
-        try:
-            _, placements = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
-        except RuntimeError:
-            # torch 2.11 refuses to flatten a sharded non-leading dim ("Attempted to flatten
-            # multiple dimensions, with dimension 1 being sharded"); 2.13 returns the strided
-            # shard. The rule below gives 2.13's answer, pinned by the same table in tests.
-            placements = _flatten_tokens(placements, atoms, sizes, mesh_shape, out_layout, module)
+        _, placements = view_placements(placements, shape, out_shape, mesh_shape)
     return normalize_placements(placements, out_layout.ndim)
 
 
-def _flatten_tokens(
-    placements: Placements,
-    atoms: tuple[Dim, ...],
-    sizes: dict[Dim, int],
+def view_placements(
+    placements: Sequence[Placement],
+    shape: Sequence[int],
+    out_shape: Sequence[int],
     mesh_shape: Sequence[int],
-    out_layout: Layout,
-    module: str,
-) -> Placements:
-    """Placements after folding (B, L) into T, for atoms already in the output's order.
+) -> tuple[Placements, Placements]:
+    """(placements the input needs, output placements) of a view ``shape -> out_shape`` of a
+    tensor placed ``placements``, without redistribution, by DTensor's own view algebra.
 
-    A shard of B stays a plain shard of T. A shard of L becomes ``_StridedShard(T, sf)``: sf is
-    the number of batch rows each shard of L is split across, i.e. B divided by the batch
-    shards of earlier mesh axes (the local batch when batch is sharded first).
+    torch 2.11 refuses to flatten a sharded non-leading dim ("Attempted to flatten multiple
+    dimensions, with dimension 1 being sharded"), where 2.13 answers with a ``_StridedShard``;
+    for a view that only keeps and flattens dims, ``flatten_placements`` then gives 2.13's
+    answer (a unit test pins the two equal where torch answers). Raises RuntimeError where
+    neither can.
     """
-    batch_axes = sharded_mesh_axes(placements, atoms.index(Dim.B))
-    token_dim = out_layout.dims.index(Dim.T)
+    rule = _compat.view_groups(tuple(shape), tuple(out_shape))
+    try:
+        needed, out = _compat.propagate_view_placements(placements, shape, rule, mesh_shape)
+    except RuntimeError:
+        sources = _compat.view_sources(shape, out_shape)
+        own = flatten_placements(placements, shape, sources, mesh_shape)
+        if own is None:
+            raise
+        return tuple(placements), own
+    return tuple(needed), tuple(out)
+
+
+def flatten_placements(
+    placements: Sequence[Placement],
+    shape: Sequence[int],
+    sources: Sequence[tuple[int, ...] | None],
+    mesh_shape: Sequence[int],
+) -> Placements | None:
+    """Output placements of a view that keeps or flattens input dims, or None for any other view.
+
+    ``sources[j]`` are the input dims output dim j is made of (``_compat.view_sources``). A
+    shard of the first dim of a flattened group stays a plain shard of the output dim; a shard
+    of a later dim becomes ``_StridedShard(j, sf)``, sf being the number of blocks that dim is
+    repeated in on each rank: the product of the earlier dims of the group, divided by their
+    shards on earlier mesh axes. (B, L) -> T with L on cp: ``_S(0, B)``; with B on dp first:
+    ``_S(0, B / dp)``, the local batch.
+    """
+    if any(src is None for src in sources):
+        return None
+    owner = {d: (j, i) for j, src in enumerate(sources) for i, d in enumerate(src)}
     out: list[Placement] = []
     for axis, p in enumerate(placements):
+        if isinstance(p, StridedShard) or (isinstance(p, Shard) and p.dim not in owner):
+            return None
         if not isinstance(p, Shard):
             out.append(p)
             continue
-        atom = atoms[p.dim]
-        if atom is Dim.B:
-            out.append(Shard(token_dim))
-        elif atom is Dim.L:
-            rows = sizes[Dim.B]
-            for earlier in (a for a in batch_axes if a < axis):
-                rows //= mesh_shape[earlier]
-            out.append(_compat.strided_shard(token_dim, rows) if rows > 1 else Shard(token_dim))
-        else:
-            out.append(Shard(out_layout.dims.index(atom)))
+        j, i = owner[p.dim]
+        blocks = 1
+        for earlier_dim in sources[j][:i]:
+            blocks *= shape[earlier_dim]
+            for earlier_axis in sharded_mesh_axes(placements[:axis], earlier_dim):
+                blocks //= mesh_shape[earlier_axis]
+        out.append(_compat.strided_shard(j, blocks) if blocks > 1 else Shard(j))
     return tuple(out)
 
 
@@ -209,7 +230,7 @@ def _split_tokens(
     mesh_shape: Sequence[int],
     module: str,
 ) -> Placements:
-    """Placements after splitting T into (B, L): the inverse of ``_flatten_tokens``."""
+    """Placements after splitting T into (B, L): the inverse of ``flatten_placements``."""
     token_dim = in_layout.dims.index(Dim.T)
     atoms = in_layout.atoms
     batch_dim, seq_dim = atoms.index(Dim.B), atoms.index(Dim.L)
@@ -248,10 +269,12 @@ def _reindex(placement: Placement, kept: list[int]) -> Placement:
 
 __all__ = [
     "Placements",
+    "flatten_placements",
     "format_placements",
     "infer_out_placements",
     "normalize_placement",
     "normalize_placements",
     "placements_equal",
     "sharded_mesh_axes",
+    "view_placements",
 ]

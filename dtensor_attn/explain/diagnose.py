@@ -20,7 +20,7 @@ from dtensor_attn import _compat
 from dtensor_attn.explain.rank_table import explain_placements, rank_indices
 from dtensor_attn.explain.strided import SHARD_LIKE
 from dtensor_attn.layout import Dim, Layout
-from dtensor_attn.placements import format_placements, normalize_placements
+from dtensor_attn.placements import format_placements, normalize_placements, view_placements
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +98,8 @@ def _expected(inp: TensorRecord, sources, mesh_shape) -> tuple | None:
     shape = tuple(math.prod(inp.shape[k] for k in src) for src in sources)
     placements = normalize_placements(inp.placements, len(inp.shape))
     try:
-        rule = _compat.view_groups(tuple(inp.shape), shape)
-        needed, out = _compat.propagate_view_placements(placements, inp.shape, rule, mesh_shape)
-    except Exception:  # noqa: BLE001 - torch has no rule: we cannot judge this boundary
+        needed, out = view_placements(placements, inp.shape, shape, mesh_shape)
+    except Exception:  # noqa: BLE001 - no rule, torch's or ours: we cannot judge this boundary
         return None
     if normalize_placements(needed, len(inp.shape)) != placements:
         return None  # not a view of the global tensor without redistribution: cannot judge

@@ -30,6 +30,42 @@ class AttentionInputs:
     positions_BL: torch.Tensor | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Precision:
+    """The input dtype, smallest head_dim and tolerance of a distributed test on one device.
+
+    The reference is always float64, computed from the same (rounded) input values."""
+
+    dtype: torch.dtype
+    min_head_dim: int
+    rtol: float
+    atol: float
+
+    def head_dim(self, wanted: int) -> int:
+        return max(wanted, self.min_head_dim)
+
+    @property
+    def tol(self) -> dict[str, float]:
+        return dict(rtol=self.rtol, atol=self.atol)
+
+
+# CPU (gloo or simulated ranks): inputs, kernels and reference are float64; only reduction order
+# differs (~1e-15 relative), so 1e-9 leaves six orders of margin, and any placement or CP
+# mistake moves values by O(0.1).
+CPU_PRECISION = Precision(torch.float64, 1, 1e-9, 1e-9)
+# CUDA: flash sdpa and varlen_attn take bf16/fp16 only, compiled flex needs head_dim >= 16
+# ("NYI: embedding dimension ... must be at least 16", seen on the H200 with torch 2.11). The
+# kernels round P and the output to bf16 (2^-8 relative) and accumulate in fp32: outputs
+# (|out| <= max |v| ~ 4) and gradients of a sum loss keep a few bf16 ulps, so 5e-2 absolute and
+# relative, while a placement mistake still moves values by O(1).
+CUDA_PRECISION = Precision(torch.bfloat16, 16, 5e-2, 5e-2)
+
+
+def precision_for(device_type: str) -> Precision:
+    """The precision a test on a ``device_type`` mesh uses (``mesh.device_type``)."""
+    return CUDA_PRECISION if device_type == "cuda" else CPU_PRECISION
+
+
 def make_inputs(
     *,
     batch: int = 2,

@@ -350,6 +350,22 @@ def test_strided_shard_probe_agrees_with_full_tensor(mesh):
             strided.full_tensor()
 
 
+@pytest.mark.mesh(cp=2)
+def test_view_probe_agrees_with_dtensor_view(mesh):
+    """_compat.view_flattens_sharded_dims() asks DTensor's view algebra once; a real view of a
+    seq-sharded (B, L) into tokens must agree with its verdict (right values, or a refusal)."""
+    t_BL = torch.arange(8, dtype=torch.float64).view(2, 4)
+    t_dt = distribute_tensor(t_BL, mesh, (Shard(1),))
+    if _compat.view_flattens_sharded_dims():
+        viewed = t_dt.view(8)
+        assert_placements(viewed, (StridedShard(0, split_factor=2),))
+        if _compat.packed_strided_shard_usable():
+            assert_dtensor_close(viewed, t_BL.reshape(8), **TOL_CPU)
+    else:
+        with pytest.raises(RuntimeError, match="flatten"):
+            t_dt.view(8)
+
+
 @pytest.mark.parametrize("mesh_name", [pytest.param(name, marks=pytest.mark.mesh(**MESHES[name]), id=name)
                                        for name in ("cp2", "cp2xtp2")])
 def test_packing_a_cp_output_is_right_or_refused(mesh, mesh_name):

@@ -160,10 +160,14 @@ def test_failed_propagation_is_recorded_with_its_cause():
 
 
 def _skip_where_dtensor_refuses_the_view(trace) -> None:
-    """These tests follow ops computed on the _StridedShard a view makes; torch 2.11's DTensor
-    refuses that view (the seed test above covers what the trace says there)."""
-    if trace.error is not None and "Attempted to flatten" in str(trace.error):
-        pytest.skip(f"this torch's DTensor cannot view a sharded dim into a flattened one: {trace.error}")
+    """These tests follow ops computed on the _StridedShard a view makes. torch 2.11's DTensor
+    refuses that view, and views strided tokens back with a wrong local shape ("shape '[2, 4,
+    6]' is invalid for input of size 24", seen on the H200); the seed test above covers what the
+    trace says there. Detected by behaviour; where DTensor can do both, an error fails the test."""
+    if trace.error is None:
+        return
+    if not (_compat.view_flattens_sharded_dims() and _compat.packed_strided_shard_usable()):
+        pytest.skip(f"this torch's DTensor cannot view a sharded dim into a flattened one and back: {trace.error}")
 
 
 def test_plain_function_and_later_ops_on_undecodable_strided_shard():
