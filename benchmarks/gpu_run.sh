@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Everything docs/gpu-results.md records, in one call on a GPU machine (no network there):
 # the GPU-only tests (real kernels, kernel launches), the distributed suite under torchrun with
-# NCCL on all GPUs, the whole simulated suite on that machine's torch, and the wrapper-overhead
-# benchmark. Full logs go to $OUT (or out/gpu); the console gets each step's summary.
+# NCCL on all GPUs, the whole simulated suite on that machine's torch (CPU meshes), the
+# distributed suite on simulated ranks all on the one GPU (CUDA meshes: flash sdpa and torch's
+# ring attention at any world size), and the wrapper-overhead benchmark. Full logs go to $OUT
+# (or out/gpu); the console gets each step's summary.
 #
-# usage: bash benchmarks/gpu_run.sh [STEP...]   steps: gpu torchrun simulated wrapper (default: all)
+# usage: bash benchmarks/gpu_run.sh [STEP...]
+#        steps: gpu torchrun simulated simulated-cuda wrapper (default: all)
 #        (carry .whl with an expecttest wheel: see docs/gpu-results.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-steps=("${@:-gpu torchrun simulated wrapper}")
+steps=("${@:-gpu torchrun simulated simulated-cuda wrapper}")
 steps=" ${steps[*]} "
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -36,6 +39,12 @@ if [[ $steps == *" simulated "* ]]; then
   echo "=== simulated suite on this machine's torch"
   python3 -m pytest -q -n 8 -p no:randomly -rfs --tb=short tests/unit tests/distributed >"$out/simulated.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$out/simulated.log" | tail -40
+fi
+if [[ $steps == *" simulated-cuda "* ]]; then
+  echo "=== distributed suite on simulated ranks, CUDA meshes (every rank on GPU 0)"
+  python3 -m pytest -q -n 4 -p no:randomly -rfs --tb=short --dtensor-device cuda tests/distributed \
+    tests/harness/test_plugin_simulated.py >"$out/simulated-cuda.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/simulated-cuda.log" | tail -40
 fi
 if [[ $steps == *" wrapper "* ]]; then
   echo "=== wrapper overhead"

@@ -54,6 +54,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torchrun: folder for rank<r>.log and rank<r>.xml (default out/torchrun)")
     group.addoption("--dtensor-unmarked", choices=UNMARKED, default="skip",
                     help="torchrun: skip (default) or run tests without a mesh marker")
+    group.addoption("--dtensor-device", choices=("cpu", "cuda"), default="cpu",
+                    help="simulated: the device of the meshes (default cpu); cuda puts every "
+                    "simulated rank on the one GPU: CUDA kernels and torch's CUDA-only ring "
+                    "attention on a machine with fewer GPUs than ranks")
 
 
 def _torchrun_mode(mode: str) -> bool:
@@ -74,9 +78,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mesh(**axes): build a device mesh for the test, e.g. "
                             "mesh(cp=2, tp=4); simulated ranks or torchrun ranks")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason on CPU")
+    device = config.getoption("dtensor_device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--dtensor-device cuda: torch.cuda.is_available() is False here. "
+                                "Fix: drop the option (simulated meshes on cpu) or run on a GPU machine.")
     if not _torchrun_mode(config.getoption("dtensor_mode")):
-        config.stash[_SIMULATED] = SimulatedMeshes()
+        config.stash[_SIMULATED] = SimulatedMeshes(device)
         return
+    if device != "cpu":
+        raise pytest.UsageError("--dtensor-device is for simulated ranks; under torchrun every rank "
+                                "uses its own GPU with NCCL (--dtensor-backend). Fix: drop the option.")
     if getattr(config.option, "numprocesses", None):
         raise pytest.UsageError(
             "torchrun mode runs one pytest per rank; pytest-xdist's -n would start several per "
@@ -110,7 +121,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     run = _session(config)
     if run is None:
-        return "dtensor_attn: simulated ranks (LocalTensorMode on a fake process group)"
+        device = config.getoption("dtensor_device")
+        return f"dtensor_attn: simulated ranks (LocalTensorMode on a fake process group), {device} meshes"
     return (f"dtensor_attn: torchrun rank {run.rank} of {run.world_size}, backend {run.backend}, "
             f"phase timeout {run.settings.timeout_s:g} s, logs and JUnit XML in "
             f"{run.settings.out_dir}")

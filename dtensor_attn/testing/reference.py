@@ -103,6 +103,13 @@ def make_inputs(
     return AttentionInputs(q_BLNH, k_BLNH, v_BLNH, positions_BL)
 
 
+def make_mesh_inputs(mesh, *, head_dim: int = 8, **kwargs) -> AttentionInputs:
+    """``make_inputs`` in the dtype and (at least) the head_dim that the native kernels on the
+    mesh's device take (``precision_for(mesh.device_type)``)."""
+    precision = precision_for(mesh.device_type)
+    return make_inputs(head_dim=precision.head_dim(head_dim), dtype=precision.dtype, **kwargs)
+
+
 def reference_attention(
     inputs: AttentionInputs,
     *,

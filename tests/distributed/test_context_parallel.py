@@ -9,12 +9,11 @@ TP DTensors on the tp axis through LocalMapAttention. Every case compares the ou
 q/k/v gradients, as every rank holds them in full, with a float64 single-device reference built
 from the same global tensors (in shard order when load-balanced).
 
-Tolerance: on CPU, inputs, kernel and reference are float64; only reduction order differs
-(~1e-15 relative), so 1e-9 leaves six orders of margin, and every CP mistake (a missing rank
+Tolerance: ``precision_for(mesh.device_type)`` (testing/reference.py). On CPU, inputs, kernel
+and reference are float64 (1e-9: reduction order only), and every CP mistake (a missing rank
 offset, a gather along the wrong dim, an unreduced k/v gradient) moves values by O(0.1). On CUDA
-the kernels need bf16 (flash, varlen): the reference then starts from the same bf16-rounded
-inputs, and outputs (|out| <= max |v| ~ 4) and gradients keep a few bf16 ulps (2^-8 relative),
-so 5e-2 absolute and relative.
+the kernels need bf16 (flash, varlen) and head_dim 16 (compiled flex): the reference starts from
+the same bf16-rounded inputs, and 5e-2 covers a few bf16 ulps.
 """
 
 from __future__ import annotations
@@ -40,10 +39,10 @@ from dtensor_attn.context_parallel import (
 )
 from dtensor_attn.load_balance import SeqOrder, permute_mask, permute_seq, seq_permutation
 from dtensor_attn.testing import assert_dtensor_close, assert_golden, assert_placements, format_table, rank_values
-from dtensor_attn.testing.reference import AttentionInputs, make_inputs, reference_attention, to_layout
+from dtensor_attn.testing.reference import AttentionInputs, make_mesh_inputs, precision_for, reference_attention, to_layout
 
 B, L, H = 2, 16, 8
-TOL_CPU = dict(rtol=1e-9, atol=1e-9)  # float64 end to end (see the module docstring)
+EXACT = dict(rtol=0.0, atol=0.0)  # integers moved between ranks: any device, bit for bit
 PATHS = ("fullmesh", "hooks")
 MESHES = {"cp2": dict(cp=2), "cp4": dict(cp=4), "cp2xtp2": dict(cp=2, tp=2), "cp2xtp4": dict(cp=2, tp=4)}
 
@@ -59,10 +58,12 @@ def _cases():
             yield pytest.param(path, backend, documents, gqa, lb, marks=pytest.mark.mesh(**axes), id=case_id)
 
 
-def precision(mesh) -> tuple[torch.dtype, dict]:
-    if mesh.device_type == "cuda":
-        return torch.bfloat16, dict(rtol=5e-2, atol=5e-2)
-    return torch.float64, TOL_CPU
+def mesh_inputs(mesh, *, batch: int = B, **kwargs) -> AttentionInputs:
+    return make_mesh_inputs(mesh, batch=batch, seq=L, head_dim=H, **kwargs)
+
+
+def tol(mesh) -> dict:
+    return precision_for(mesh.device_type).tol
 
 
 def seq_heads_placements(mesh) -> tuple:
@@ -77,9 +78,7 @@ def test_cp_matrix(mesh, path, backend, documents, gqa, lb):
             f"torch's ring attention (sdpa CP hooks) runs only on CUDA, this mesh is {mesh.device_type}; "
             "test_ring_on_cpu_raises_up_front covers the error"
         )
-    dtype, tol = precision(mesh)
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=4 if gqa else 8, head_dim=H,
-                         documents=documents, dtype=dtype)
+    inputs = mesh_inputs(mesh, num_q_heads=8, num_kv_heads=4 if gqa else 8, documents=documents)
     with _compat.maybe_disable_local_tensor_mode():  # one reference, not one per simulated rank
         leaves = [t.double().clone().requires_grad_() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
         out_ref, _ = reference_attention(AttentionInputs(*leaves, inputs.positions_BL))
@@ -95,10 +94,10 @@ def test_cp_matrix(mesh, path, backend, documents, gqa, lb):
 
     placements = seq_heads_placements(mesh)
     assert_placements(out, placements)
-    assert_dtensor_close(out, permute_seq(out_ref, perm_L, 1), **tol, msg="output")
+    assert_dtensor_close(out, permute_seq(out_ref, perm_L, 1), **tol(mesh), msg="output")
     for name, grad, leaf in zip("qkv", grads, leaves):
         assert_placements(grad, placements)
-        assert_dtensor_close(grad, permute_seq(leaf.grad, perm_L, 1), **tol, msg=f"grad {name}")
+        assert_dtensor_close(grad, permute_seq(leaf.grad, perm_L, 1), **tol(mesh), msg=f"grad {name}")
 
 
 def _run_fullmesh(mesh, config, qkv, mask, lb):
@@ -145,7 +144,7 @@ def _stop_at_kernel(module, args, kwargs):
 
 
 def _local_qkv(mesh, layout: Layout, *, num_q_heads=4, num_kv_heads=4):
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=H)
+    inputs = mesh_inputs(mesh, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
     qkv = [to_layout(t, layout) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
     return inputs, [distribute_tensor(t, mesh, (Shard(layout.seq_dim),)).to_local() for t in qkv]
 
@@ -216,7 +215,7 @@ def test_stale_seq_dim_flex_is_silent_with_gqa(mesh):
     out = DTensor.from_local(out_local, mesh, (Shard(1),), run_check=False)
     assert tuple(out.shape) == tuple(out_ref.shape)
     with pytest.raises(AssertionError, match="differ from the reference"):
-        assert_dtensor_close(out, out_ref, **TOL_CPU)
+        assert_dtensor_close(out, out_ref, **tol(mesh))
 
 
 @pytest.mark.mesh(cp=2)
@@ -226,7 +225,7 @@ def test_stale_seq_dim_sdpa_numbers_match_but_boundary_is_wrong(mesh):
     if mesh.device_type != "cuda":
         pytest.skip(f"torch's ring attention runs only on CUDA, this mesh is {mesh.device_type}")
     _compat.enable_ring_attention(load_balance=False)
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H, dtype=torch.bfloat16)
+    inputs = mesh_inputs(mesh, num_q_heads=4, num_kv_heads=4)
     out_ref, _ = reference_attention(inputs)
     qkv = [
         distribute_tensor(t.to("cuda"), mesh, (Shard(1),)).to_local()
@@ -235,7 +234,7 @@ def test_stale_seq_dim_sdpa_numbers_match_but_boundary_is_wrong(mesh):
     inner = AttentionConfig(backend=Backend.SDPA).build()
     parallelize_module(inner, mesh, _torch_style(Backend.SDPA, 2))
     out = DTensor.from_local(inner(*qkv), mesh, (Shard(1),), run_check=False)
-    assert_dtensor_close(out, out_ref, **precision(mesh)[1])
+    assert_dtensor_close(out, out_ref, **tol(mesh))
     attach_boundary_check(inner, mesh)
     with pytest.raises(ContextParallelError, match=r"got seq_dim 2 \(q \(S\(2\)\)"):
         inner(*qkv)
@@ -258,11 +257,11 @@ def test_rank0_only_check_misses_a_missing_causal_offset(mesh):
     # Each rank's error, gathered so that every rank sees all of them (no rank branches).
     err_local = (out_local - ref_local).abs().amax().reshape(1)
     err_per_rank = DTensor.from_local(err_local, mesh, (Shard(0),), run_check=False).full_tensor()
-    assert_dtensor_close(err_per_rank[:1], torch.zeros(1), **TOL_CPU, msg="rank 0 alone: looks right")
+    assert_dtensor_close(err_per_rank[:1], torch.zeros(1), **tol(mesh), msg="rank 0 alone: looks right")
     for values in rank_values(err_per_rank).values():
         assert float(values[1:].min()) > 0.1, f"rank 1's chunk should be visibly wrong, errors {values}"
     with pytest.raises(AssertionError, match="differ from the reference"):
-        assert_dtensor_close(DTensor.from_local(out_local, mesh, (Shard(1),), run_check=False), out_ref, **TOL_CPU)
+        assert_dtensor_close(DTensor.from_local(out_local, mesh, (Shard(1),), run_check=False), out_ref, **tol(mesh))
 
 
 # -- errors up front -------------------------------------------------------------------------------
@@ -309,7 +308,7 @@ def test_mask_from_local_positions_is_refused(mesh):
 
 @pytest.mark.mesh(cp=2)
 def test_hooks_and_full_mesh_cp_together_are_refused(mesh):
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    inputs = mesh_inputs(mesh, num_q_heads=4, num_kv_heads=4)
     inner = AttentionConfig(backend=Backend.FLEX).build()
     apply_context_parallel(inner, mesh)
     q, k, v = (distribute_tensor(t, mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
@@ -323,7 +322,7 @@ def test_hooks_and_full_mesh_cp_together_are_refused(mesh):
 @pytest.mark.mesh(cp=2)
 @pytest.mark.parametrize("batch", [2, 1], ids=["local-batch2-strided", "local-batch1-shard0"])
 def test_packed_output_under_cp(mesh, batch):
-    inputs = make_inputs(batch=batch, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    inputs = mesh_inputs(mesh, batch=batch, num_q_heads=4, num_kv_heads=4)
     out_ref, _ = reference_attention(inputs)
     attention = LocalMapAttention(AttentionConfig(backend=Backend.VARLEN, varlen_output=Layout.TNH).build())
     q, k, v = (distribute_tensor(t, mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
@@ -333,18 +332,18 @@ def test_packed_output_under_cp(mesh, batch):
     else:
         out_TNH = attention(q, k, v)
         assert_placements(out_TNH, (StridedShard(0, split_factor=batch),))
-        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **TOL_CPU)
+        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **tol(mesh))
 
 
 @pytest.mark.mesh(cp=2)
 def test_strided_shard_probe_agrees_with_full_tensor(mesh):
     """The probe plans without a process group; a real full_tensor() of the same placement
     must agree with its verdict (both ways: works and is right, or raises)."""
-    t_T = torch.arange(8, dtype=torch.float64)
+    t_T = torch.arange(8, dtype=torch.float64)  # exact on every device
     local = distribute_tensor(t_T.view(2, 4), mesh, (Shard(1),)).to_local().reshape(-1)
     strided = DTensor.from_local(local, mesh, (StridedShard(0, split_factor=2),), run_check=False)
     if _compat.packed_strided_shard_usable():
-        assert_dtensor_close(strided, t_T, **TOL_CPU)
+        assert_dtensor_close(strided, t_T, **EXACT)
     else:
         with pytest.raises(ValueError, match="shard_order"):
             strided.full_tensor()
@@ -360,7 +359,7 @@ def test_view_probe_agrees_with_dtensor_view(mesh):
         viewed = t_dt.view(8)
         assert_placements(viewed, (StridedShard(0, split_factor=2),))
         if _compat.packed_strided_shard_usable():
-            assert_dtensor_close(viewed, t_BL.reshape(8), **TOL_CPU)
+            assert_dtensor_close(viewed, t_BL.reshape(8), **EXACT)
     else:
         with pytest.raises(RuntimeError, match="flatten"):
             t_dt.view(8)
@@ -372,7 +371,7 @@ def test_packing_a_cp_output_is_right_or_refused(mesh, mesh_name):
     """BUGS.md row 10: viewing the seq-sharded BLNH output as packed TNH needs a strided
     placement; DTensor must give the right values (torch 2.13) or refuse (torch 2.11), never
     silently wrong ones."""
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=4, num_kv_heads=4, head_dim=H)
+    inputs = mesh_inputs(mesh, num_q_heads=4, num_kv_heads=4)
     out_ref, _ = reference_attention(inputs)
     placements = seq_heads_placements(mesh)
     q, k, v = (distribute_tensor(t, mesh, placements) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
@@ -382,4 +381,4 @@ def test_packing_a_cp_output_is_right_or_refused(mesh, mesh_name):
     except (RuntimeError, ValueError, AssertionError) as error:  # refused: acceptable, with a reason
         assert "flatten" in str(error) or "shard" in str(error).lower(), f"unclear refusal: {error}"
     else:
-        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **TOL_CPU)
+        assert_dtensor_close(out_TNH, to_layout(out_ref, Layout.TNH), **tol(mesh))

@@ -3,7 +3,8 @@
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
 
-Tolerance: float64 end to end (see test_attention_matrix.py): 1e-9.
+Tolerance: ``precision_for(mesh.device_type)``: float64 and 1e-9 on CPU ranks, bf16 inputs (the
+native kernels' dtype) and 5e-2 on CUDA (see test_attention_matrix.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from torch.distributed.tensor.experimental import local_map
 
 from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, PlacementError, make_attention_masks
 from dtensor_attn.testing import assert_dtensor_close, assert_placements
-from dtensor_attn.testing.reference import make_inputs, reference_attention, to_layout
+from dtensor_attn.testing.reference import make_mesh_inputs, precision_for, reference_attention, to_layout
 
-TOL = dict(rtol=1e-9, atol=1e-9)
 B, L, N, H = 2, 8, 8, 8
 
 
@@ -36,7 +36,7 @@ def test_seed_bug_copied_placements_are_caught_and_ours_are_right(mesh):
     16 heads on tp=8: two heads per rank, so head order and head_dim order differ (with one
     head per rank the wrong label happens to give the right values)."""
     num_heads = 16
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=num_heads, num_kv_heads=num_heads, head_dim=H)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=num_heads, num_kv_heads=num_heads, head_dim=H)
     q, k, v = _distribute(mesh, inputs, (Shard(2),))
     out_ref_BLNH, _ = reference_attention(inputs)
     inner = AttentionConfig(backend="varlen", varlen_output=Layout.TNH).build()
@@ -47,49 +47,50 @@ def test_seed_bug_copied_placements_are_caught_and_ours_are_right(mesh):
         in_grad_placements=((Shard(2),),) * 3, device_mesh=mesh,
     )
     bad_TNH = buggy(q, k, v)
-    assert tuple(bad_TNH.shape) == (B * L, num_heads // 8, H * 8)  # head_dim x tp: a wrong global shape
+    head_dim = inputs.q_BLNH.shape[-1]
+    assert tuple(bad_TNH.shape) == (B * L, num_heads // 8, head_dim * 8)  # head_dim x tp: a wrong global shape
     try:
         bad_BLD = bad_TNH.view(B, L, -1)
     except RuntimeError as e:  # torch 2.11: the view itself fails, far from the cause
         assert "flatten multiple dimensions" in str(e)
     else:  # torch 2.13: the view succeeds with a _StridedShard and silently wrong values
         with pytest.raises(AssertionError):
-            assert_dtensor_close(bad_BLD, out_ref_BLNH.reshape(B, L, -1), **TOL)
+            assert_dtensor_close(bad_BLD, out_ref_BLNH.reshape(B, L, -1), **precision_for(mesh.device_type).tol)
 
     out_TNH = _varlen_packed()(q, k, v)
     assert_placements(out_TNH, (Shard(1),))
-    assert tuple(out_TNH.shape) == (B * L, num_heads, H)
-    assert_dtensor_close(out_TNH, to_layout(out_ref_BLNH, Layout.TNH), **TOL)
-    assert_dtensor_close(out_TNH.view(B, L, -1), out_ref_BLNH.reshape(B, L, -1), **TOL)
+    assert tuple(out_TNH.shape) == (B * L, num_heads, head_dim)
+    assert_dtensor_close(out_TNH, to_layout(out_ref_BLNH, Layout.TNH), **precision_for(mesh.device_type).tol)
+    assert_dtensor_close(out_TNH.view(B, L, -1), out_ref_BLNH.reshape(B, L, -1), **precision_for(mesh.device_type).tol)
 
 
 @pytest.mark.mesh(cp=2, tp=2)
 def test_plans_are_cached_per_signature_not_first_call(mesh):
     """BUGS.md row 6: a wrapper that keeps its first local_map gives stale placements later."""
     attention = LocalMapAttention(AttentionConfig(backend="sdpa").build())
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H)
     out_ref_BLNH, _ = reference_attention(inputs)
     for placements in [(Replicate(), Shard(2)), (Shard(1), Shard(2)), (Shard(1), Replicate()), (Replicate(), Shard(2))]:
         out = attention(*_distribute(mesh, inputs, placements))
         assert_placements(out, placements)
-        assert_dtensor_close(out, out_ref_BLNH, **TOL, msg=str(placements))
+        assert_dtensor_close(out, out_ref_BLNH, **precision_for(mesh.device_type).tol, msg=str(placements))
     tp_mesh = mesh["tp"]
     out = attention(*_distribute(tp_mesh, inputs, (Shard(2),)))
     assert out.device_mesh == tp_mesh
-    assert_dtensor_close(out, out_ref_BLNH, **TOL, msg="tp submesh")
+    assert_dtensor_close(out, out_ref_BLNH, **precision_for(mesh.device_type).tol, msg="tp submesh")
     assert len(attention._plans) == 4
 
 
 @pytest.mark.mesh(tp=2)
 def test_documents_flex_and_varlen_agree_under_tp(mesh):
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H, documents=True)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H, documents=True)
     out_ref_BLNH, _ = reference_attention(inputs)
     outs = []
     for backend in ("flex", "varlen"):
         config = AttentionConfig(backend=backend)
         mask = make_attention_masks(config, inputs.positions_BL)
         out = LocalMapAttention(config.build())(*_distribute(mesh, inputs, (Shard(2),)), mask)
-        assert_dtensor_close(out, out_ref_BLNH, **TOL, msg=backend)
+        assert_dtensor_close(out, out_ref_BLNH, **precision_for(mesh.device_type).tol, msg=backend)
         outs.append(out.full_tensor())
     causal_only, _ = reference_attention(inputs, use_documents=False)
     assert (causal_only - out_ref_BLNH).abs().max() > 0.1  # the documents do change the values
@@ -99,14 +100,14 @@ def test_documents_flex_and_varlen_agree_under_tp(mesh):
 
 
 def _qkv(mesh, placements=(Shard(2),), **kwargs):
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H, **kwargs)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H, **kwargs)
     return _distribute(mesh, inputs, placements)
 
 
 @pytest.mark.mesh(cp=2, tp=2)
 def test_error_qkv_on_different_meshes(mesh):
     q, k, v = _qkv(mesh, (Replicate(), Shard(2)))
-    k_tp = distribute_tensor(make_inputs(num_q_heads=N).k_BLNH, mesh["tp"], (Shard(2),))
+    k_tp = distribute_tensor(make_mesh_inputs(mesh, num_q_heads=N).k_BLNH, mesh["tp"], (Shard(2),))
     with pytest.raises(PlacementError, match=r"LocalMapAttention\(sdpa\): q is on .* but k is on .*Fix: put q, k and v on the same mesh"):
         LocalMapAttention(AttentionConfig(backend="sdpa").build())(q, k_tp, v)
 
@@ -138,7 +139,7 @@ def test_error_head_dim_shard(mesh):
 
 @pytest.mark.mesh(tp=4)
 def test_error_heads_not_divisible_by_tp(mesh):
-    inputs = make_inputs(batch=B, seq=L, num_q_heads=6, num_kv_heads=2, head_dim=H)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=6, num_kv_heads=2, head_dim=H)
     q = distribute_tensor(inputs.q_BLNH, mesh, (Replicate(),)).redistribute(mesh, (Shard(2),))
     k, v = (distribute_tensor(t, mesh, (Replicate(),)).redistribute(mesh, (Shard(2),)) for t in (inputs.k_BLNH, inputs.v_BLNH))
     with pytest.raises(PlacementError, match=r"q has 6 heads in BLNH, not divisible by the 4 ranks of mesh axes \['tp'\]"):
@@ -177,13 +178,14 @@ class _LyingKernel(torch.nn.Module):
 @pytest.mark.mesh(tp=2)
 def test_error_kernel_shape_disagrees_with_declared_layout(mesh):
     q, k, v = _qkv(mesh)
-    with pytest.raises(PlacementError, match=r"returned a local output of shape \(16, 4, 8\), but it declares BLNH, which for local q \(2, 8, 4, 8\) is \(2, 8, 4, 8\)"):
+    h = q.shape[-1]  # 8 on CPU ranks, the native kernels' 16 on CUDA
+    with pytest.raises(PlacementError, match=rf"returned a local output of shape \(16, 4, {h}\), but it declares BLNH, which for local q \(2, 8, 4, {h}\) is \(2, 8, 4, {h}\)"):
         LocalMapAttention(_LyingKernel())(q, k, v)
 
 
 @pytest.mark.mesh(cp=4)
 def test_error_packed_output_uneven_seq(mesh):
-    inputs = make_inputs(batch=B, seq=6, num_q_heads=N, num_kv_heads=N, head_dim=H)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=6, num_q_heads=N, num_kv_heads=N, head_dim=H)
     q, k, v = (distribute_tensor(t, mesh, (Replicate(),)).redistribute(mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
     with pytest.raises(PlacementError, match=r"q has 6 seq in BLNH, not divisible by the 4 ranks"):
         _varlen_packed()(q, k, v)
@@ -192,7 +194,7 @@ def test_error_packed_output_uneven_seq(mesh):
 @pytest.mark.mesh(tp=2)
 def test_error_mask_for_another_backend(mesh):
     q, k, v = _qkv(mesh, documents=True)
-    inputs = make_inputs(batch=B, seq=L, documents=True)
+    inputs = make_mesh_inputs(mesh, batch=B, seq=L, documents=True)
     flex_mask = make_attention_masks(AttentionConfig(backend="flex"), inputs.positions_BL)
     with pytest.raises(ValueError, match=r"VarlenAttention \(varlen\) was handed a FlexDocumentMask"):
         LocalMapAttention(AttentionConfig(backend="varlen").build())(q, k, v, flex_mask)

@@ -26,17 +26,17 @@ def x_dt(mesh):
 
 
 @pytest.mark.mesh(cp=2, tp=4)
-def test_marker(mesh, mesh_axes, world_size):
+def test_marker(mesh, mesh_axes, world_size, request):
     assert mesh.mesh_dim_names == ("cp", "tp") and tuple(mesh.shape) == (2, 4)
     assert mesh_axes == {"cp": 2, "tp": 4} and world_size == 8
-    assert mesh.device_type == "cpu"
+    assert mesh.device_type == request.config.getoption("dtensor_device")
     MESHES.append(mesh)
 
 
 @pytest.mark.mesh(dp=2, tp=2)
 def test_fixture_dtensor_every_rank(x_dt):
     full = x_dt.full_tensor()
-    assert isinstance(full, _compat.LocalTensor)
+    assert isinstance(full, _compat.LocalTensor) and full.device.type == x_dt.device_mesh.device_type
     assert sorted(_compat.rank_tensors(full)) == [0, 1, 2, 3]
     assert_dtensor_close(x_dt, torch.arange(16.0).reshape(4, 4), rtol=0, atol=0)
 
@@ -68,16 +68,28 @@ def test_unmarked_runs_outside_simulated_ranks(world_size):
 '''
 
 
-def test_mesh_fixtures_and_simulated_ranks_contract(pytester):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mesh_fixtures_and_simulated_ranks_contract(pytester, device):
     pytester.makepyfile(test_contract=CONTRACT)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--dtensor-device", device)
     result.assert_outcomes(passed=9)
     result.stdout.fnmatch_lines([
-        "dtensor_attn: simulated ranks (LocalTensorMode on a fake process group)",
+        f"dtensor_attn: simulated ranks (LocalTensorMode on a fake process group), {device} meshes",
         "*test_param_marks?2? PASSED*",
         "*test_indirect?tp2? PASSED*",
         "*test_indirect?cp2xtp2? PASSED*",
     ])
+
+
+def test_cuda_meshes_without_cuda_are_a_usage_error(pytester):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --dtensor-device cuda is valid")
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--dtensor-device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--dtensor-device cuda: torch.cuda.is_available() is False here. Fix: *"])
 
 
 def test_mode_ends_with_the_test_even_when_it_fails(pytester):
