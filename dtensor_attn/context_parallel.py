@@ -26,7 +26,6 @@ Every forward checks the boundary: the dim torch sharded or gathered must be ``s
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable
 
 import torch
@@ -37,25 +36,13 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Replicate, Shard
-from dtensor_attn.backends import InnerAttention
-from dtensor_attn.config import Backend, Kernel
+from dtensor_attn.backends import REGISTRY, InnerAttention
+from dtensor_attn.config import Backend, CPStrategy, Kernel
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
 from dtensor_attn.placements import Placements, format_placements
 
-
-class CPStrategy(enum.Enum):
-    RING = "ring"  # torch's SDPA attention type
-    ALL_GATHER = "all_gather"  # torch's FLEX attention type: a k/v all-gather, any kernel
-
-
-# Every backend of the registry has an entry (a unit test iterates REGISTRY to check).
-STRATEGIES: dict[Backend, CPStrategy] = {
-    Backend.SDPA: CPStrategy.RING,
-    Backend.FLEX: CPStrategy.ALL_GATHER,
-    Backend.VARLEN: CPStrategy.ALL_GATHER,
-}
 
 _KV_SHAPE_KEY = "_dtensor_attn_cp_kv_shape"  # prefix of the kwarg that carries k's local shape to the check
 _APPLIED_ATTR = "_dtensor_attn_cp_mesh"
@@ -80,7 +67,7 @@ class CPBoundary:
 
 def expected_boundary(layout: Layout, backend: Backend) -> CPBoundary:
     """The boundary for a module whose public layout is ``layout`` (pure)."""
-    strategy = STRATEGIES[backend]
+    strategy = REGISTRY[backend].cp_strategy
     seq = (Shard(layout.seq_dim),)
     kv = seq if strategy is CPStrategy.RING else (Replicate(),)
     return CPBoundary(strategy, layout.seq_dim, seq, kv)
@@ -111,7 +98,7 @@ def apply_context_parallel(
         _check_supported(inner, cp_mesh, load_balance)
     style_type = _compat.context_parallel_style()
     for inner in inners:
-        strategy = STRATEGIES[inner.backend]
+        strategy = inner.cp_strategy
         if strategy is CPStrategy.RING:
             _compat.enable_ring_attention(load_balance=load_balance)
             inner.register_forward_pre_hook(_RingInputCheck(load_balance), with_kwargs=True)
@@ -194,9 +181,9 @@ def _check_supported(inner: InnerAttention, cp_mesh: DeviceMesh, load_balance: b
     if getattr(inner, _APPLIED_ATTR, None) is not None:
         raise ContextParallelError(f"{where}: context parallel is already applied to this module; a second "
                                    f"application would gather k/v twice. Fix: apply it once.")
-    if inner.backend not in STRATEGIES:
-        raise ContextParallelError(f"{where}: no CP strategy for backend {inner.backend}. {full_mesh_fix}.")
-    if STRATEGIES[inner.backend] is not CPStrategy.RING:
+    if getattr(inner, "cp_strategy", None) is None:
+        raise ContextParallelError(f"{where}: {type(inner).__name__} declares no cp_strategy. {full_mesh_fix}.")
+    if inner.cp_strategy is not CPStrategy.RING:
         return
     device = cp_mesh.device_type
     if device != "cuda" and not _compat.ring_attention_runs_on(device):
@@ -290,7 +277,6 @@ __all__ = [
     "CPBoundary",
     "CPStrategy",
     "ContextParallelError",
-    "STRATEGIES",
     "apply_context_parallel",
     "attach_boundary_check",
     "expected_boundary",

@@ -18,7 +18,7 @@ from torch import nn
 
 from dtensor_attn import _compat
 from dtensor_attn.backends.math_kernel import allowed_mask
-from dtensor_attn.config import AttentionConfig, Backend, Kernel
+from dtensor_attn.config import AttentionConfig, Backend, CPStrategy, Kernel
 from dtensor_attn.layout import Layout
 from dtensor_attn.masks import DocumentMask
 
@@ -26,6 +26,7 @@ from dtensor_attn.masks import DocumentMask
 class InnerAttention(nn.Module):
     backend: ClassVar[Backend]
     mask_type: ClassVar[type[DocumentMask] | None] = None
+    cp_strategy: ClassVar[CPStrategy]  # how apply_context_parallel runs it
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()

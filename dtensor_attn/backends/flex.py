@@ -15,7 +15,7 @@ import torch
 from dtensor_attn import _compat
 from dtensor_attn.backends.base import BNLHKernelAttention, in_simulation
 from dtensor_attn.backends.math_kernel import math_attention
-from dtensor_attn.config import Backend, Kernel
+from dtensor_attn.config import Backend, CPStrategy, Kernel
 from dtensor_attn.masks import DocumentMask
 
 
@@ -26,6 +26,7 @@ class FlexDocumentMask(DocumentMask):
 class FlexAttention(BNLHKernelAttention):
     backend = Backend.FLEX
     mask_type = FlexDocumentMask
+    cp_strategy = CPStrategy.ALL_GATHER
 
     def __init__(self, config) -> None:
         super().__init__(config)

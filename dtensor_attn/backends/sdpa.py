@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from dtensor_attn.backends.base import BNLHKernelAttention
 from dtensor_attn.backends.math_kernel import math_attention
-from dtensor_attn.config import Backend
+from dtensor_attn.config import Backend, CPStrategy
 
 
 class SDPAAttention(BNLHKernelAttention):
     backend = Backend.SDPA
+    cp_strategy = CPStrategy.RING
 
     @classmethod
     def make_masks(cls, config, positions_BL):

@@ -18,7 +18,7 @@ from dtensor_attn import _compat
 from dtensor_attn.backends.base import InnerAttention, in_simulation
 from dtensor_attn.backends.math_kernel import expand_kv_heads, math_attention
 from dtensor_attn.backends.varlen_segments import pack_segments
-from dtensor_attn.config import Backend
+from dtensor_attn.config import Backend, CPStrategy
 from dtensor_attn.layout import Layout
 from dtensor_attn.masks import DocumentMask
 
@@ -30,6 +30,7 @@ class VarlenDocumentMask(DocumentMask):
 class VarlenAttention(InnerAttention):
     backend = Backend.VARLEN
     mask_type = VarlenDocumentMask
+    cp_strategy = CPStrategy.ALL_GATHER
 
     @property
     def out_layout(self) -> Layout:

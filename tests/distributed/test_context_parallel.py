@@ -31,7 +31,6 @@ from dtensor_attn._compat import StridedShard
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.config import Backend
 from dtensor_attn.context_parallel import (
-    STRATEGIES,
     ContextParallelError,
     CPStrategy,
     apply_context_parallel,
@@ -73,7 +72,7 @@ def seq_heads_placements(mesh) -> tuple:
 
 @pytest.mark.parametrize("path,backend,documents,gqa,lb", list(_cases()))
 def test_cp_matrix(mesh, path, backend, documents, gqa, lb):
-    if path == "hooks" and STRATEGIES[backend] is CPStrategy.RING and mesh.device_type != "cuda":
+    if path == "hooks" and REGISTRY[backend].cp_strategy is CPStrategy.RING and mesh.device_type != "cuda":
         pytest.skip(
             f"torch's ring attention (sdpa CP hooks) runs only on CUDA, this mesh is {mesh.device_type}; "
             "test_ring_on_cpu_raises_up_front covers the error"
@@ -152,7 +151,7 @@ def _local_qkv(mesh, layout: Layout, *, num_q_heads=4, num_kv_heads=4):
 def _torch_style(backend, seq_dim: int):
     """torch's own style, built by hand (as a model before the refactor did)."""
     style = _compat.context_parallel_style()
-    ring = STRATEGIES[backend] is CPStrategy.RING
+    ring = REGISTRY[backend].cp_strategy is CPStrategy.RING
     return style(seq_dim=seq_dim, attention_type=style.AttentionType.SDPA if ring else style.AttentionType.FLEX)
 
 
@@ -163,7 +162,7 @@ def test_boundary_golden(mesh):
     for layout in (Layout.BLNH, Layout.BNLH):
         for backend in REGISTRY:
             inner = AttentionConfig(backend=backend, layout=layout).build()
-            if STRATEGIES[backend] is CPStrategy.RING:  # apply_context_parallel refuses CPU meshes
+            if REGISTRY[backend].cp_strategy is CPStrategy.RING:  # apply_context_parallel refuses CPU meshes
                 parallelize_module(inner, mesh, _torch_style(backend, inner.in_layout.seq_dim))
             else:
                 apply_context_parallel(inner, mesh)
@@ -286,7 +285,7 @@ def test_apply_needs_the_1d_cp_mesh(mesh):
 
 @pytest.mark.mesh(cp=2)
 def test_apply_hooks_every_inner_once(mesh):
-    all_gather = [b for b in REGISTRY if STRATEGIES[b] is CPStrategy.ALL_GATHER]
+    all_gather = [b for b in REGISTRY if REGISTRY[b].cp_strategy is CPStrategy.ALL_GATHER]
     model = torch.nn.ModuleList([AttentionConfig(backend=b).build() for b in all_gather])
     assert apply_context_parallel(model, mesh) == list(model)
     with pytest.raises(ContextParallelError, match="already applied"):
