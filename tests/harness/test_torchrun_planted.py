@@ -134,7 +134,7 @@ def _processes_with(tag: str) -> list[int]:
 
 
 def _launch(tmp_path: Path, scenario: str, suite_text: str, *extra: str,
-            timeout_s: float | None = None, run_timeout_s: int = 120):
+            timeout_s: float | None = None, run_timeout_s: int = 120, nproc: int = 2):
     """(Popen of run_torchrun.sh on the planted suite, its process tag)."""
     suite = tmp_path / "test_planted.py"
     suite.write_text(suite_text)
@@ -144,7 +144,7 @@ def _launch(tmp_path: Path, scenario: str, suite_text: str, *extra: str,
     env.update(SCENARIO=scenario, DTENSOR_ATTN_RUN_TAG=tag)
     timeout_s = timeout_s or PHASE_TIMEOUT_S.get(scenario, DEFAULT_PHASE_TIMEOUT_S)
     command = [
-        "bash", str(SCRIPT), "-n", "2", "--backend", "gloo", "--timeout", str(timeout_s),
+        "bash", str(SCRIPT), "-n", str(nproc), "--backend", "gloo", "--timeout", str(timeout_s),
         "--run-timeout", str(run_timeout_s), "--out", str(tmp_path / "out"),
         # hypothesis's plugin (installed here, unused by us) imports itself at session end: 2 s
         "--", str(suite), "-p", "no:hypothesispytest", *extra,
@@ -163,11 +163,11 @@ def run_planted(tmp_path: Path, scenario: str, suite_text: str = PLANTED, *extra
     return Run(proc.returncode, output, seconds, tmp_path / "out", _processes_with(tag))
 
 
-def _assert_ended_cleanly(run: Run) -> None:
+def _assert_ended_cleanly(run: Run, bound_s: float = RUN_BOUND_S) -> None:
     """Ended by itself within the bound: no leftover, and the launcher swept nothing."""
     assert run.leftovers == [], f"processes left behind: {run.leftovers}\n{run.output}"
     assert "stopping leftover processes" not in run.output, run.output
-    assert run.seconds < RUN_BOUND_S, f"took {run.seconds:.1f} s\n{run.output}"
+    assert run.seconds < bound_s, f"took {run.seconds:.1f} s\n{run.output}"
 
 
 def test_passing_suite_reports_identical_counts_on_every_rank(tmp_path):
@@ -369,3 +369,54 @@ def test_sigterm_to_the_launcher_stops_every_process_of_the_run(tmp_path):
     assert proc.returncode == 143, output
     assert "run_torchrun.sh: interrupted" in output
     assert _processes_with(tag) == []
+
+
+EIGHT_RANKS = '''
+import os
+import pytest, torch, torch.distributed as dist
+
+RANK = int(os.environ["RANK"])
+
+
+@pytest.mark.mesh(dp=2, cp=2, tp=2)
+def test_first(mesh):
+    t = torch.ones(1)
+    dist.all_reduce(t, group=mesh.get_group("tp"))
+    assert t.item() == 2
+
+
+@pytest.mark.mesh(tp=8)
+def test_planted(mesh):
+    if RANK == 5:
+        raise RuntimeError("planted exception on rank 5 before the all_reduce")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 8
+
+
+@pytest.mark.mesh(tp=8)
+def test_next(mesh):
+    dist.all_reduce(torch.ones(1))
+'''
+# 8 ranks share 2 cores here: start-up alone takes ~15 s of the bound.
+EIGHT_RANK_BOUND_S = 150
+
+
+def test_eight_ranks_one_raises_the_run_ends_naming_it(tmp_path):
+    """The CI runner's size (8 ranks; gloo on CPU here, NCCL on an 8-GPU host): rank 5 fails
+    before a collective that the 7 others enter. The run ends, rank 0's console names rank 5
+    with its traceback and the stuck ranks, nothing runs after it, and no process is left."""
+    run = run_planted(tmp_path, "eight", EIGHT_RANKS, nproc=8, run_timeout_s=EIGHT_RANK_BOUND_S)
+    assert run.returncode != 0, run.output
+    for text in (
+        "failed in call on rank 5 first (root cause)",
+        "RuntimeError: planted exception on rank 5 before the all_reduce",
+        "stuck: still in the call of test_planted.py::test_planted",
+        "stopping the run after test_planted.py::test_planted (call)",
+    ):
+        assert text in run.output, f"missing {text!r} in:\n{run.output}"
+    for rank in range(8):
+        outcomes = run.outcomes(rank)
+        assert outcomes["test_first"] == "passed" and outcomes["test_planted"] == "failure", (rank, outcomes)
+        assert "test_next" not in outcomes, (rank, outcomes)
+    _assert_ended_cleanly(run, EIGHT_RANK_BOUND_S)
