@@ -65,6 +65,7 @@ __all__ = [
     "torch_shard_order",
     "tree_leaves",
     "varlen_attn_or_none",
+    "varlen_lse_heads_first",
     "view_flattens_sharded_dims",
     "view_groups",
     "view_sources",
@@ -143,6 +144,26 @@ def varlen_attn_or_none():
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def varlen_lse_heads_first() -> bool | None:
+    """Whether ``varlen_attn``'s LSE is (N, T) rather than the documented (T, N), read once off
+    torch's own fake (meta) kernel with T != N, which needs no GPU; None where that cannot run.
+    On torch 2.13 it is (N, T) ("logsumexp shape: (num_heads, total_q)")."""
+    varlen_attn = varlen_attn_or_none()
+    if varlen_attn is None:
+        return None
+    from torch.nn.attention.varlen import AuxRequest
+
+    try:
+        with maybe_disable_local_tensor_mode():
+            q_TNH = torch.empty(3, 2, 8, device="meta", dtype=torch.bfloat16)
+            cu_T = torch.tensor([0, 3], device="meta", dtype=torch.int32)
+            _, lse = varlen_attn(q_TNH, q_TNH, q_TNH, cu_T, cu_T, 3, 3, return_aux=AuxRequest(lse=True))
+    except Exception:  # noqa: BLE001 - no fake kernel on this torch: the caller reads the shape
+        return None
+    return tuple(lse.shape) == (2, 3)
 
 
 @functools.lru_cache(maxsize=16)

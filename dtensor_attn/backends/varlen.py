@@ -129,6 +129,21 @@ class VarlenAttention(InnerAttention):
         )
         if not cfg.return_lse:
             return out_TNH, None
-        # Documented as (T, N); some builds return (N, T).
-        lse_TN = lse if lse.shape[0] == q_TNH.shape[0] else lse.transpose(0, 1)
-        return out_TNH, lse_TN
+        return out_TNH, _lse_TN(lse, *q_TNH.shape[:2])
+
+
+def _lse_TN(lse: torch.Tensor, num_tokens: int, num_heads: int) -> torch.Tensor:
+    """varlen_attn's LSE as (T, N). It is documented as (T, N), but torch's kernel returns
+    (N, T); the shape alone cannot tell when T == N (a small CP chunk), so ask torch's fake
+    kernel once, and read the shape only where that cannot run."""
+    heads_first = _compat.varlen_lse_heads_first()
+    if heads_first is None:
+        heads_first = tuple(lse.shape) == (num_heads, num_tokens)
+    lse_TN = lse.transpose(0, 1) if heads_first else lse
+    if tuple(lse_TN.shape) != (num_tokens, num_heads):
+        raise RuntimeError(
+            f"VarlenAttention: varlen_attn returned an LSE of shape {tuple(lse.shape)} for "
+            f"{num_tokens} tokens and {num_heads} heads; expected (T, N) = ({num_tokens}, "
+            f"{num_heads}) or (N, T). This torch's varlen_attn changed its LSE layout."
+        )
+    return lse_TN
