@@ -122,13 +122,13 @@ COPY_OPS = ("copy_", "clone", "_to_copy", "contiguous", "transpose", "permute", 
 
 def _fake_varlen_with_gqa(q_TNH, k_TNH, v_TNH, cu_q, cu_kv, max_q, max_kv, *, enable_gqa=False, **kwargs):
     """torch 2.13's signature (has enable_gqa); shapes only."""
-    return torch.empty_like(q_TNH), torch.empty(q_TNH.shape[:2], dtype=q_TNH.dtype)
+    return torch.empty_like(q_TNH), torch.empty(q_TNH.shape[1::-1], dtype=torch.float32)  # LSE (N, T), as torch's
 
 
 def _fake_varlen_without_gqa(q_TNH, k_TNH, v_TNH, cu_q, cu_kv, max_q, max_kv, **kwargs):
     """torch 2.11's signature (no enable_gqa): k/v must arrive with q's head count."""
     assert k_TNH.shape[1] == q_TNH.shape[1], "torch 2.11 varlen needs expanded k/v heads"
-    return torch.empty_like(q_TNH), torch.empty(q_TNH.shape[:2], dtype=q_TNH.dtype)
+    return torch.empty_like(q_TNH), torch.empty(q_TNH.shape[1::-1], dtype=torch.float32)  # LSE (N, T), as torch's
 
 
 @pytest.mark.parametrize("fake,expected_copies", [(_fake_varlen_with_gqa, []), (_fake_varlen_without_gqa, ["clone", "clone"])], ids=["torch2.13-gqa-kwarg", "torch2.11-expand-kv"])
