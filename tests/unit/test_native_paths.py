@@ -1,19 +1,24 @@
-"""The native varlen path on CPU: segments, key gathering and GQA, against the math kernel.
+"""The native varlen and flex paths on CPU, per context-parallel rank, against the math kernel.
 
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
 
-``varlen_attn`` has no CPU kernel, so on CPU and in simulation VarlenAttention runs the math
-kernel, and the code that feeds the CUDA kernel (``pack_segments``: cu_seqlens, maxima, the
-keys each query run needs under context parallelism) runs only on GPUs, its CP part only on
-several. Here that code runs against ``contract_varlen_attn``: torch's documented contract of
-``varlen_attn``, written with plain differentiable ops (one softmax per packed sequence; causal
-is flash's bottom-right alignment, query i of Lq sees key j of Lk iff j <= i + Lk - Lq), with
-the argument checks torch does. Each case is one CP rank's view as the full-mesh and hook
-paths give it: the rank's query chunk with its global seq indices, every key in shard order.
+On CPU and in simulation VarlenAttention and FlexAttention run the math kernel, so the code that
+feeds the CUDA kernels runs only on GPUs, and its context-parallel part only on several: for
+varlen ``pack_segments`` (cu_seqlens, maxima, the keys each query run needs) and the k/v
+gathering, for flex the block mask built from each rank's global seq indices. Here each case is
+one CP rank's view as the full-mesh and hook paths hand it to the kernel (the rank's query chunk
+with its global seq indices, every key in shard order), and the native path runs on CPU:
+
+- varlen against ``contract_varlen_attn``: torch's documented contract of ``varlen_attn``,
+  written with plain differentiable ops (one softmax per packed sequence; causal is flash's
+  bottom-right alignment, query i of Lq sees key j of Lk iff j <= i + Lk - Lq), with the
+  argument checks torch does; forward and backward, in both torch signatures;
+- flex with torch's own eager flex_attention and create_block_mask (forward only: "FlexAttention
+  does not support backward on CPU").
 
 Tolerance: float64 throughout; only summation order differs (~1e-15), so 1e-10. A wrong segment
-boundary, causal alignment or gathered key moves values by O(0.1).
+boundary, causal alignment, rank offset or gathered key moves values by O(0.1).
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ def _cases():
 @pytest.mark.parametrize("native_varlen", SIGNATURES, indirect=True)
 @pytest.mark.parametrize("out_layout", [Layout.BLNH, Layout.TNH])
 @pytest.mark.parametrize("cp,rank,order,documents,causal,gqa", list(_cases()))
-def test_native_path_equals_math_kernel(native_varlen, out_layout, cp, rank, order, documents, causal, gqa):
+def test_varlen_native_path_equals_math_kernel(native_varlen, out_layout, cp, rank, order, documents, causal, gqa):
     """Output, LSE and q/k/v gradients of the native path (segments, gathered keys, the kernel
     contract) equal the math kernel's on the same rank view."""
     inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2 if gqa else 8, head_dim=H, documents=documents)
@@ -140,6 +145,33 @@ def test_native_path_equals_math_kernel(native_varlen, out_layout, cp, rank, ord
     for name, native, math_ in zip(("out", "lse", "grad q", "grad k", "grad v"), *results):
         assert native.shape == math_.shape, (name, native.shape, math_.shape)
         torch.testing.assert_close(native, math_, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cp,rank,order,documents,causal,gqa", list(_cases()))
+def test_flex_native_path_equals_math_kernel(cp, rank, order, documents, causal, gqa):
+    """Output and LSE of torch's eager flex with our block mask (rank offsets, documents,
+    head-tail order, GQA) equal the math kernel's on the same rank view."""
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2 if gqa else 8, head_dim=H, documents=documents)
+    results = []
+    for kernel in (Kernel.NATIVE, Kernel.MATH):
+        config = AttentionConfig(backend="flex", is_causal=causal, enable_gqa=gqa, return_lse=True, kernel=kernel)
+        q, k, v, mask, q_index_L, kv_index_L = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
+        with torch.no_grad():
+            results.append(config.build()(q, k, v, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L))
+    for name, native, math_ in zip(("out", "lse"), *results):
+        torch.testing.assert_close(native, math_, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_flex_reuses_the_plain_causal_block_mask():
+    """Built once per shape and device (the per-call cost on GPUs), and right on every call."""
+    inputs = make_inputs(batch=B, seq=L)
+    module = AttentionConfig(backend="flex", kernel=Kernel.NATIVE).build()
+    reference = AttentionConfig(backend="flex", kernel=Kernel.MATH).build()
+    with torch.no_grad():
+        for _ in range(2):
+            out = module(inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)
+            torch.testing.assert_close(out, reference(inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH), **TOL)
+    assert list(module._causal_block_masks) == [(L, L, inputs.q_BLNH.device)]
 
 
 @pytest.mark.parametrize("native_varlen", SIGNATURES[:1], indirect=True)
