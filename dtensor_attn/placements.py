@@ -201,15 +201,22 @@ def flatten_placements(
     of a later dim becomes ``_StridedShard(j, sf)``, sf being the number of blocks that dim is
     repeated in on each rank: the product of the earlier dims of the group, divided by their
     shards on earlier mesh axes. (B, L) -> T with L on cp: ``_S(0, B)``; with B on dp first:
-    ``_S(0, B / dp)``, the local batch.
+    ``_S(0, B / dp)``, the local batch. A ``_StridedShard`` moves with a dim that is kept as it
+    is; one on a flattened dim has no rule here (None).
     """
     if any(src is None for src in sources):
         return None
     owner = {d: (j, i) for j, src in enumerate(sources) for i, d in enumerate(src)}
     out: list[Placement] = []
     for axis, p in enumerate(placements):
-        if isinstance(p, StridedShard) or (isinstance(p, Shard) and p.dim not in owner):
+        if isinstance(p, (Shard, StridedShard)) and p.dim not in owner:
             return None
+        if isinstance(p, StridedShard):
+            j, _ = owner[p.dim]
+            if len(sources[j]) != 1:
+                return None
+            out.append(_compat.strided_shard(j, _compat.split_factor(p)))
+            continue
         if not isinstance(p, Shard):
             out.append(p)
             continue

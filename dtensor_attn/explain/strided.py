@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Placement, Shard, StridedShard
-from dtensor_attn.placements import format_placements, normalize_placements
+from dtensor_attn.placements import format_placements, normalize_placements, view_placements
 
 ShardOrder = tuple[tuple[int, tuple[int, ...]], ...]
 SHARD_LIKE = (Shard, StridedShard)  # torch 2.13: _StridedShard is not a Shard subclass
@@ -113,40 +113,11 @@ def _pre_view(
     return shape, tuple(pre)
 
 
-def _flatten_pair(pre_placements, pre_shape, dim: int, mesh_shape) -> tuple[Placement, ...]:
-    """Placements after flattening dims (dim, dim + 1): torch 2.13's answer, for torches whose
-    view rule refuses a sharded inner dim (2.11). A shard of the inner dim becomes a strided
-    shard whose factor is the outer size left after earlier mesh axes' shards of the outer dim."""
-    out: list[Placement] = []
-    outer = pre_shape[dim]
-    for axis, p in enumerate(pre_placements):
-        if not isinstance(p, SHARD_LIKE) or p.dim < dim:
-            out.append(p)
-        elif p.dim == dim:
-            out.append(p)
-        elif p.dim == dim + 1:
-            rows = outer
-            for earlier in pre_placements[:axis]:
-                if isinstance(earlier, SHARD_LIKE) and earlier.dim == dim:
-                    rows //= mesh_shape[pre_placements.index(earlier)]
-            out.append(_compat.strided_shard(dim, rows) if rows > 1 else Shard(dim))
-        else:
-            factor = _factor(p)
-            out.append(_compat.strided_shard(p.dim - 1, factor) if factor > 1 else Shard(p.dim - 1))
-    return tuple(out)
-
-
 def _view_reproduces(pre_shape, pre_placements, placements, global_shape, mesh_shape) -> bool:
-    """Check a flatten reading with DTensor's own view rule (no home-made algebra where torch
-    answers; torch 2.11 refuses to flatten a sharded inner dim, and then ``_flatten_pair``)."""
+    """Check a flatten reading with DTensor's own view rule, or where torch 2.11 refuses to
+    flatten a sharded inner dim, with the same rule infer_out_placements uses then."""
     try:
-        rule = _compat.view_groups(tuple(pre_shape), tuple(global_shape))
-        _, out = _compat.propagate_view_placements(pre_placements, pre_shape, rule, mesh_shape)
-    except RuntimeError as error:
-        if "flatten" not in str(error):
-            return False
-        dim = next(i for i, (a, b) in enumerate(zip(pre_shape, global_shape)) if a != b)
-        out = _flatten_pair(pre_placements, pre_shape, dim, mesh_shape)
+        _, out = view_placements(pre_placements, pre_shape, global_shape, mesh_shape)
     except Exception:  # noqa: BLE001 - a rule torch refuses means "not this flatten"
         return False
     ndim = len(global_shape)

@@ -163,3 +163,22 @@ def test_mismatches_raise_placement_error_with_a_fix(placements, mesh_shape, sha
     with pytest.raises(PlacementError) as info:
         explain_placements(placements, mesh_shape, shape)
     assert needle in str(info.value) and "Fix:" in str(info.value)
+
+
+READINGS = [  # (placements, mesh, global shape): each has a flatten reading
+    ("(_StridedShard(dim=1, sf=8),)", "8", "8,256"),
+    ("(_S(0, 4), S(1))", "cp=2,tp=4", (32, 8, 3)),
+    ("S(0), _S(0, 2)", "dp=2,cp=2", (24, 3)),
+    ("S(1), _S(0, 2)", "tp=2,cp=2", (8, 6)),
+    ("_S(1, 2), _S(0, 3)", (2, 2), (12, 8)),
+]
+
+
+@pytest.mark.parametrize("placements,mesh_text,shape", READINGS, ids=lambda x: str(x))
+def test_flatten_readings_are_the_same_where_torch_refuses_the_view(request, placements, mesh_text, shape):
+    """torch 2.11 refuses to flatten a sharded inner dim; the explainer then checks its flatten
+    reading with the rule infer_out_placements uses, and must print the same report."""
+    with_torch = explain_placements(placements, mesh_text, shape).render()
+    assert "produces exactly this" in with_torch
+    request.getfixturevalue("torch211_view_algebra")
+    assert explain_placements(placements, mesh_text, shape).render() == with_torch
