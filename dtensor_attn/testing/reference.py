@@ -17,6 +17,7 @@ import torch
 from dtensor_attn._compat import maybe_disable_local_tensor_mode
 from dtensor_attn.backends.math_kernel import allowed_mask, math_attention
 from dtensor_attn.layout import Layout
+from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask, permute_seq, seq_permutation
 from dtensor_attn.masks import DocumentMask
 
 
@@ -108,6 +109,40 @@ def make_mesh_inputs(mesh, *, head_dim: int = 8, **kwargs) -> AttentionInputs:
     mesh's device take (``precision_for(mesh.device_type)``)."""
     precision = precision_for(mesh.device_type)
     return make_inputs(head_dim=precision.head_dim(head_dim), dtype=precision.dtype, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CPRankView:
+    """What one context-parallel rank hands the inner attention's kernel: its query chunk of
+    the sequence in shard order with their global seq indices, and every key and value (as
+    all-gathered) with theirs; the document mask's query rows of the rank, all key rows.
+    Without CP (one rank, contiguous order) the indices are None, as LocalMapAttention passes."""
+
+    q_BLNH: torch.Tensor
+    k_BLNH: torch.Tensor
+    v_BLNH: torch.Tensor
+    mask: DocumentMask | None
+    q_seq_index_L: torch.Tensor | None
+    kv_seq_index_L: torch.Tensor | None
+
+
+def cp_rank_view(
+    inputs: AttentionInputs, mask: DocumentMask | None, *, cp_degree: int, rank: int, order: SeqOrder
+) -> CPRankView:
+    """Rank ``rank``'s view of global ``inputs`` and the mask made from their positions (in
+    the original order), with the sequence laid out by ``order`` over ``cp_degree`` ranks.
+    tests/distributed/test_context_parallel.py checks that LocalMapAttention hands exactly this."""
+    index_L = global_seq_index(order, inputs.q_BLNH.shape[1], cp_degree)
+    permutation_L = seq_permutation(order, inputs.q_BLNH.shape[1], cp_degree)
+    chunk_L = index_L.chunk(cp_degree)[rank]
+    rows = slice(rank * chunk_L.numel(), (rank + 1) * chunk_L.numel())
+    q_BLNH, k_BLNH, v_BLNH = (permute_seq(t, permutation_L, 1) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    if mask is not None:
+        mask = permute_mask(mask, permutation_L)
+        mask = mask.with_tensors(mask.q_document_ids_BL[:, rows], mask.kv_document_ids_BL)
+    sharded = cp_degree > 1
+    return CPRankView(q_BLNH[:, rows], k_BLNH, v_BLNH, mask,
+                      chunk_L if sharded else None, index_L if sharded else None)
 
 
 def reference_attention(

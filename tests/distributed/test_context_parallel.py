@@ -38,7 +38,9 @@ from dtensor_attn.context_parallel import (
 )
 from dtensor_attn.load_balance import SeqOrder, permute_mask, permute_seq, seq_permutation
 from dtensor_attn.testing import assert_dtensor_close, assert_golden, assert_placements, format_table, rank_values
-from dtensor_attn.testing.reference import AttentionInputs, make_mesh_inputs, precision_for, reference_attention, to_layout
+from dtensor_attn.testing.reference import (
+    AttentionInputs, cp_rank_view, make_mesh_inputs, precision_for, reference_attention, to_layout,
+)
 
 B, L, H = 2, 16, 8
 EXACT = dict(rtol=0.0, atol=0.0)  # integers moved between ranks: any device, bit for bit
@@ -313,6 +315,69 @@ def test_hooks_and_full_mesh_cp_together_are_refused(mesh):
     q, k, v = (distribute_tensor(t, mesh, (Shard(1),)) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
     with pytest.raises(ContextParallelError, match="sharded twice"):
         LocalMapAttention(inner)(q, k, v)
+
+
+# -- what each rank's kernel gets (tests/unit/test_native_paths.py runs the native paths on it) ---
+
+
+@pytest.mark.parametrize("order", list(SeqOrder), ids=lambda o: o.value)
+@pytest.mark.parametrize("mesh_name", [pytest.param(name, marks=pytest.mark.mesh(**MESHES[name]), id=name)
+                                       for name in ("cp2", "cp4", "cp2xtp2")])
+def test_each_rank_kernel_gets_its_cp_rank_view(mesh, mesh_name, order):
+    """Full-mesh CP hands every rank's inner attention exactly ``cp_rank_view``: its query chunk
+    with its global seq indices, all keys in shard order, its rows of the document mask (the
+    unit tests check the native varlen and flex paths on those views)."""
+    inputs = mesh_inputs(mesh, num_q_heads=4, num_kv_heads=4, documents=True)
+    config = AttentionConfig(backend=Backend.VARLEN)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(q=args[0], k=args[1], q_ids=args[3].q_document_ids_BL, kv_ids=args[3].kv_document_ids_BL,
+                    q_index=kwargs["q_seq_index_L"], kv_index=kwargs["kv_seq_index_L"])
+
+    inner = config.build()
+    inner.register_forward_pre_hook(record, with_kwargs=True)
+    cp = mesh["cp"].size()
+    permutation_L = seq_permutation(order, L, cp)
+    mask = make_attention_masks(config, inputs.positions_BL)
+    q, k, v = (distribute_tensor(permute_seq(t, permutation_L, 1), mesh, seq_heads_placements(mesh))
+               for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+    LocalMapAttention(inner, seq_order=order)(q, k, v, permute_mask(mask, permutation_L))
+    coords = _rank_coordinates(mesh)
+    seen_per_rank = {name: rank_values(t) for name, t in seen.items()}
+    # Simulated ranks show every rank's view at once; a torchrun rank shows its own.
+    every_rank = set(coords) if _compat.local_tensor_mode_active() else {torch.distributed.get_rank()}
+    assert set(seen_per_rank["q"]) == every_rank
+    for rank, tensors in _by_rank(seen_per_rank).items():
+        cp_rank, heads = coords[rank]
+        view = cp_rank_view(inputs, mask, cp_degree=cp, rank=cp_rank, order=order)
+        expected = dict(q=view.q_BLNH[:, :, heads], k=view.k_BLNH[:, :, heads],
+                        q_ids=view.mask.q_document_ids_BL, kv_ids=view.mask.kv_document_ids_BL,
+                        q_index=view.q_seq_index_L, kv_index=view.kv_seq_index_L)
+        for name, want in expected.items():
+            got = tensors[name]
+            assert torch.equal(got.cpu(), want.to(got.dtype)), f"rank {rank}: {name} {got} != {want}"
+
+
+def _rank_coordinates(mesh) -> dict[int, tuple[int, slice]]:
+    """{global rank: (its cp coordinate, its slice of the 4 heads)} of every rank of the mesh."""
+    names, ranks = mesh.mesh_dim_names, mesh.mesh.tolist()
+    coords = {}
+    for index in itertools.product(*(range(n) for n in mesh.shape)):
+        rank = ranks
+        for i in index:
+            rank = rank[i]
+        position = dict(zip(names, index))
+        tp = mesh["tp"].size() if "tp" in names else 1
+        per_rank = 4 // tp
+        heads = slice(position.get("tp", 0) * per_rank, (position.get("tp", 0) + 1) * per_rank)
+        coords[rank] = (position["cp"], heads)
+    return coords
+
+
+def _by_rank(seen_per_rank: dict[str, dict[int, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    ranks = next(iter(seen_per_rank.values()))
+    return {rank: {name: values[rank] for name, values in seen_per_rank.items()} for rank in ranks}
 
 
 # -- varlen's packed output under full-mesh CP, and the _StridedShard probe -----------------------

@@ -33,8 +33,8 @@ import torch
 from dtensor_attn import AttentionConfig, Kernel, Layout, make_attention_masks
 from dtensor_attn.backends import VarlenAttention
 from dtensor_attn.backends.varlen_segments import pack_segments
-from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask, permute_seq
-from dtensor_attn.testing.reference import make_inputs
+from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask
+from dtensor_attn.testing.reference import cp_rank_view, make_inputs
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 B, L, H = 2, 16, 8
@@ -97,19 +97,10 @@ def native_varlen(monkeypatch, request):
 
 def rank_view(inputs, config, *, cp: int, rank: int, order: SeqOrder, documents: bool):
     """(q, k, v, mask, q_seq_index_L, kv_seq_index_L) as CP rank ``rank`` hands them to the
-    kernel: its query chunk of the sequence in shard order, all keys (all-gathered)."""
-    index_L = global_seq_index(order, L, cp)
-    permutation_L = index_L if order is SeqOrder.HEAD_TAIL else None
-    chunk_L = index_L.chunk(cp)[rank] if cp > 1 else index_L
-    start = rank * (L // cp)
-    rows = slice(start, start + L // cp)
-    q, k, v = (permute_seq(t, permutation_L, 1) for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
-    mask = None
-    if documents:
-        mask = permute_mask(make_attention_masks(config, inputs.positions_BL), permutation_L)
-        mask = mask.with_tensors(mask.q_document_ids_BL[:, rows], mask.kv_document_ids_BL)
-    sharded = cp > 1 or order is SeqOrder.HEAD_TAIL
-    return q[:, rows], k, v, mask, (chunk_L if sharded else None), (index_L if sharded else None)
+    kernel (``cp_rank_view``, which LocalMapAttention is checked to hand over exactly)."""
+    mask = make_attention_masks(config, inputs.positions_BL) if documents else None
+    view = cp_rank_view(inputs, mask, cp_degree=cp, rank=rank, order=order)
+    return view.q_BLNH, view.k_BLNH, view.v_BLNH, view.mask, view.q_seq_index_L, view.kv_seq_index_L
 
 
 def _cases():
