@@ -3,8 +3,10 @@
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
 
-Tests make global q/k/v here, distribute them, and compare every rank's full result with the
-reference computed here, unsharded, by the math kernel in float64.
+Tests make global q/k/v here (in the dtype and head_dim the mesh's device needs:
+``precision_for``), distribute them, and compare every rank's full result with the reference
+computed here, unsharded, by the math kernel in float64. ``cp_rank_view`` is what one
+context-parallel rank hands its kernel, for tests of a kernel path on one rank.
 """
 
 from __future__ import annotations
