@@ -359,19 +359,15 @@ def test_each_rank_kernel_gets_its_cp_rank_view(mesh, mesh_name, order):
             assert torch.equal(got.cpu(), want.to(got.dtype)), f"rank {rank}: {name} {got} != {want}"
 
 
-def _rank_coordinates(mesh) -> dict[int, tuple[int, slice]]:
-    """{global rank: (its cp coordinate, its slice of the 4 heads)} of every rank of the mesh."""
-    names, ranks = mesh.mesh_dim_names, mesh.mesh.tolist()
+def _rank_coordinates(mesh, num_heads: int = 4) -> dict[int, tuple[int, slice]]:
+    """{global rank: (its cp coordinate, its slice of the heads)} of every rank of the mesh."""
+    names = mesh.mesh_dim_names
+    per_rank = num_heads // (mesh["tp"].size() if "tp" in names else 1)
     coords = {}
     for index in itertools.product(*(range(n) for n in mesh.shape)):
-        rank = ranks
-        for i in index:
-            rank = rank[i]
         position = dict(zip(names, index))
-        tp = mesh["tp"].size() if "tp" in names else 1
-        per_rank = 4 // tp
-        heads = slice(position.get("tp", 0) * per_rank, (position.get("tp", 0) + 1) * per_rank)
-        coords[rank] = (position["cp"], heads)
+        tp = position.get("tp", 0)
+        coords[int(mesh.mesh[index])] = (position["cp"], slice(tp * per_rank, (tp + 1) * per_rank))
     return coords
 
 
