@@ -7,6 +7,7 @@ Supported: torch 2.11 (the GPU image) and 2.13 (CPU here).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Sequence
@@ -64,7 +65,10 @@ __all__ = [
     "strided_shard",
     "torch_shard_order",
     "tree_leaves",
+    "VarlenOps",
     "varlen_attn_or_none",
+    "varlen_kernels_for",
+    "varlen_ops",
     "varlen_lse_heads_first",
     "view_flattens_sharded_dims",
     "view_groups",
@@ -144,6 +148,93 @@ def varlen_attn_or_none():
     except ImportError:
         return None
     return varlen_attn
+
+
+class VarlenOps:
+    """torch's custom ops under ``varlen_attn`` (``torch_attn::_varlen_attn`` and its backward),
+    called by argument name: the schemas differ between torch versions (2.11 has no
+    ``enable_gqa``), so each call passes what the installed op takes. The schemas are read once,
+    here, so that a call is a plain op call that torch.compile traces without a graph break."""
+
+    # What dtensor_attn passes; anything else an op requires is an error at construction.
+    FORWARD_GIVEN = frozenset(
+        ("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "scale",
+         "window_size", "enable_gqa")
+    )
+    BACKWARD_GIVEN = frozenset(
+        ("grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k", "max_q", "max_k",
+         "is_causal", "rng_state", "scale", "window_size")
+    )
+
+    def __init__(self, forward, backward) -> None:
+        self.forward_op, self.backward_op = forward, backward
+        self.forward_names = _schema_names(forward, self.FORWARD_GIVEN)
+        self.backward_names = _schema_names(backward, self.BACKWARD_GIVEN)
+        self.takes_gqa = "enable_gqa" in self.forward_names
+        self.lse_heads_first = varlen_lse_heads_first()
+
+    def forward(self, **arguments):
+        """(out_TNH, lse, rng_state): the kernel's LSE as it returns it (see varlen_lse_heads_first)."""
+        return self.forward_op(**{n: arguments[n] for n in self.forward_names if n in arguments})
+
+    def backward(self, **arguments):
+        """(grad_q, grad_k, grad_v) from grad_out and the saved forward values."""
+        return self.backward_op(**{n: arguments[n] for n in self.backward_names if n in arguments})
+
+
+def _schema_names(op, given: frozenset) -> tuple[str, ...]:
+    names = []
+    for argument in op.default._schema.arguments:
+        if argument.name not in given and not argument.has_default_value():
+            raise TypeError(
+                f"{op}: this torch's op requires '{argument.name}', which dtensor_attn does not "
+                f"pass (schema: {op.default._schema}). Fix: teach dtensor_attn._compat this "
+                f"torch's varlen ops."
+            )
+        names.append(argument.name)
+    return tuple(names)
+
+
+@functools.cache
+def varlen_ops() -> VarlenOps | None:
+    """The ops under varlen_attn, or None where this torch has none (the module registers them)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (defines torch.ops.torch_attn.*)
+    except ImportError:
+        return None
+    namespace = torch.ops.torch_attn
+    forward = getattr(namespace, "_varlen_attn", None)
+    backward = getattr(namespace, "_varlen_attn_backward", None)
+    if forward is None or backward is None:
+        return None
+    return VarlenOps(forward, backward)
+
+
+@contextlib.contextmanager
+def varlen_kernels_for(dispatch_key: str, *, forward, backward):
+    """Register ``forward`` and ``backward`` as the ``dispatch_key`` (e.g. "CPU") kernels of
+    torch's varlen ops for the duration of the block, so that torch's own ``varlen_attn`` wrapper
+    and its registered autograd formula run there; removed on exit. Each kernel is called with
+    the op's schema arguments by name."""
+    ops = varlen_ops()
+    if ops is None:
+        raise RuntimeError("this torch has no torch_attn varlen ops to register kernels for")
+    library = torch.library.Library("torch_attn", "IMPL")
+    try:
+        for op, kernel in ((ops.forward_op, forward), (ops.backward_op, backward)):
+            names = [a.name for a in op.default._schema.arguments]
+            library.impl(
+                op.default._schema.name.split("::")[1],
+                functools.partial(_call_by_name, kernel, names),
+                dispatch_key,
+            )
+        yield
+    finally:
+        library._destroy()
+
+
+def _call_by_name(kernel, names, *args, **kwargs):
+    return kernel(**dict(zip(names, args)), **kwargs)
 
 
 @functools.cache

@@ -6,7 +6,8 @@
 # - no torch importable: install torch==2.13.0 (not whatever newest release a bare "torch"
 #   requirement would pull);
 # - then the package in editable mode with its test dependencies (pytest, pytest-xdist,
-#   expecttest), with the installed torch pinned so that pip cannot swap it;
+#   expecttest, and the `test` extra: numpy), with the installed torch pinned so that pip
+#   cannot swap it;
 # - quick and idempotent: one Python start-up, and nothing to do when all is in place.
 set -euo pipefail
 
@@ -26,7 +27,7 @@ try:
 except ImportError:
     print("no-torch")
     sys.exit()
-ready = all(find_spec(name) for name in ("pytest", "xdist", "expecttest"))
+ready = all(find_spec(name) for name in ("pytest", "xdist", "expecttest", "numpy"))
 try:
     version("dtensor_attn")
     spec = find_spec("dtensor_attn")
@@ -46,7 +47,7 @@ if [[ $state == no-torch ]]; then
 fi
 torch_version=${state% *}
 if [[ $state == *" ok" ]]; then
-  echo "setup.sh: dtensor_attn (this checkout), torch $torch_version, pytest, pytest-xdist and expecttest already installed"
+  echo "setup.sh: dtensor_attn (this checkout), torch $torch_version, pytest, pytest-xdist, expecttest and numpy already installed"
   exit 0
 fi
 
@@ -54,4 +55,4 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"  # keep the user's torch: fail rather than swap it
 echo "setup.sh: installing dtensor_attn (editable) and its test dependencies; torch $torch_version kept"
-"$PYTHON" -m pip install -c "$constraints" -e .
+"$PYTHON" -m pip install -c "$constraints" -e ".[test]"

@@ -17,6 +17,7 @@ import torch
 from dtensor_attn import _compat
 from dtensor_attn.backends.base import InnerAttention, in_simulation
 from dtensor_attn.backends.math_kernel import expand_kv_heads, math_attention
+from dtensor_attn.backends.varlen_lse_grad import VarlenWithLseGrad, lse_tokens_heads
 from dtensor_attn.backends.varlen_segments import pack_segments
 from dtensor_attn.config import Backend, CPStrategy
 from dtensor_attn.layout import Layout
@@ -32,6 +33,11 @@ class VarlenAttention(InnerAttention):
     mask_type = VarlenDocumentMask
     cp_strategy = CPStrategy.ALL_GATHER
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        # Resolved once here, not per call: inside forward they would be traced by torch.compile.
+        self._varlen_ops = _compat.varlen_ops()
+
     @property
     def out_layout(self) -> Layout:
         if self.config.varlen_output is Layout.TNH:
@@ -45,7 +51,10 @@ class VarlenAttention(InnerAttention):
         return {Layout.TNH: Layout.TN, Layout.BLNH: Layout.BLN, Layout.BNLH: Layout.BNL}[self.out_layout]
 
     def native_kernel_available(self, device: torch.device) -> bool:
-        return device.type == "cuda" and not in_simulation() and _compat.varlen_attn_or_none() is not None
+        return (
+            device.type == "cuda" and not in_simulation() and _compat.varlen_attn_or_none() is not None
+            and self._varlen_ops is not None
+        )
 
     def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
         self._check_mask(mask)
@@ -104,46 +113,24 @@ class VarlenAttention(InnerAttention):
             # Context parallel: each query run needs its document's keys up to its last query.
             k_TNH = k_TNH.index_select(0, segments.kv_token_index_T)
             v_TNH = v_TNH.index_select(0, segments.kv_token_index_T)
-        varlen_attn = _compat.varlen_attn_or_none()
         gqa = {}
         if q_TNH.shape[1] != k_TNH.shape[1]:
-            if _compat.accepts_keyword(varlen_attn, "enable_gqa"):
+            if self._varlen_ops.takes_gqa:
                 gqa = {"enable_gqa": True}
-            else:  # torch 2.11: no enable_gqa keyword, expand k/v heads here instead
+            else:  # torch 2.11: no enable_gqa, expand k/v heads here instead
                 k_TNH = expand_kv_heads(k_TNH, q_TNH.shape[1], enable_gqa=cfg.enable_gqa)
                 v_TNH = expand_kv_heads(v_TNH, q_TNH.shape[1], enable_gqa=cfg.enable_gqa)
-        from torch.nn.attention.varlen import AuxRequest
-
-        out_TNH, lse = varlen_attn(
-            q_TNH,
-            k_TNH,
-            v_TNH,
-            segments.cu_seq_q,
-            segments.cu_seq_kv,
-            segments.max_q,
-            segments.max_kv,
-            return_aux=AuxRequest(lse=True),
-            scale=scale,
-            window_size=(-1, 0) if cfg.is_causal else (-1, -1),
-            **gqa,
-        )
-        if not cfg.return_lse:
+        window_size = (-1, 0) if cfg.is_causal else (-1, -1)
+        if not cfg.return_lse:  # torch's own autograd formula is right for the output alone
+            out_TNH = _compat.varlen_attn_or_none()(
+                q_TNH, k_TNH, v_TNH, segments.cu_seq_q, segments.cu_seq_kv, segments.max_q,
+                segments.max_kv, scale=scale, window_size=window_size, **gqa,
+            )
             return out_TNH, None
-        return out_TNH, _lse_TN(lse, *q_TNH.shape[:2])
-
-
-def _lse_TN(lse: torch.Tensor, num_tokens: int, num_heads: int) -> torch.Tensor:
-    """varlen_attn's LSE as (T, N). It is documented as (T, N), but torch's kernel returns
-    (N, T); the shape alone cannot tell when T == N (a small CP chunk), so ask torch's fake
-    kernel once, and read the shape only where that cannot run."""
-    heads_first = _compat.varlen_lse_heads_first()
-    if heads_first is None:
-        heads_first = tuple(lse.shape) == (num_heads, num_tokens)
-    lse_TN = lse.transpose(0, 1) if heads_first else lse
-    if tuple(lse_TN.shape) != (num_tokens, num_heads):
-        raise RuntimeError(
-            f"VarlenAttention: varlen_attn returned an LSE of shape {tuple(lse.shape)} for "
-            f"{num_tokens} tokens and {num_heads} heads; expected (T, N) = ({num_tokens}, "
-            f"{num_heads}) or (N, T). This torch's varlen_attn changed its LSE layout."
+        # torch's formula drops the LSE gradient: ours keeps it (see varlen_lse_grad).
+        out_TNH, lse = VarlenWithLseGrad.apply(
+            self._varlen_ops, q_TNH, k_TNH, v_TNH, segments.cu_seq_q,
+            None if segments.cu_seq_kv is segments.cu_seq_q else segments.cu_seq_kv, segments.max_q,
+            segments.max_kv, cfg.is_causal, scale, window_size, bool(gqa),
         )
-    return lse_TN
+        return out_TNH, lse_tokens_heads(lse, *q_TNH.shape[:2], self._varlen_ops.lse_heads_first)

@@ -10,89 +10,73 @@ gathering, for flex the block mask built from each rank's global seq indices. He
 one CP rank's view as the full-mesh and hook paths hand it to the kernel (the rank's query chunk
 with its global seq indices, every key in shard order), and the native path runs on CPU:
 
-- varlen against ``contract_varlen_attn``: torch's documented contract of ``varlen_attn``,
-  written with plain differentiable ops (one softmax per packed sequence; causal is flash's
-  bottom-right alignment, query i of Lq sees key j of Lk iff j <= i + Lk - Lq), with the
-  argument checks torch does; forward and backward, in both torch signatures;
+- varlen through torch's own ``varlen_attn`` wrapper and torch's own varlen ops, with the flash
+  kernels replaced on CPU by ``flash_varlen_on_cpu`` (dtensor_attn.testing.flash_stand_in: flash's
+  argument checks, bottom-right causal alignment, (N, T) LSE, and flash's backward, which reads
+  D off the ``out`` it is handed and takes no LSE gradient), in bf16 as flash requires; forward
+  and backward, the LSE in the loss, with k/v heads handed to the kernel (torch 2.13) or expanded
+  first (torch 2.11's op has no ``enable_gqa``);
 - flex with torch's own eager flex_attention and create_block_mask (forward only: "FlexAttention
   does not support backward on CPU").
 
-Tolerance: float64 throughout; only summation order differs (~1e-15), so 1e-10. A wrong segment
-boundary, causal alignment, rank offset or gathered key moves values by O(0.1).
+Tolerance: flex compares float64 with float64 (only summation order differs, ~1e-15), so 1e-10.
+varlen runs in bf16 (flash takes nothing else) against the math kernel in float64 on the same
+bf16-rounded inputs: the stand-in accumulates in fp32 and rounds the output and gradients to bf16
+(2^-8 relative), so 2e-2; a wrong segment boundary, causal alignment, rank offset, gathered key
+or a dropped LSE gradient moves values by O(0.1) (a dropped LSE gradient by the whole LSE term).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import math
 
 import pytest
 import torch
 
-from dtensor_attn import AttentionConfig, Kernel, Layout, make_attention_masks
+from dtensor_attn import AttentionConfig, Kernel, Layout, _compat, make_attention_masks
 from dtensor_attn.backends import VarlenAttention
+from dtensor_attn.backends.varlen_lse_grad import lse_tokens_heads
 from dtensor_attn.backends.varlen_segments import pack_segments
 from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask
+from dtensor_attn.testing.flash_stand_in import flash_varlen_on_cpu
 from dtensor_attn.testing.reference import cp_rank_view, make_inputs
 
 TOL = dict(rtol=1e-10, atol=1e-10)
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 B, L, H = 2, 16, 8
 
-
-def contract_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                         scale=None, window_size=(-1, -1), enable_gqa=False):
-    """``torch.nn.attention.varlen.varlen_attn`` as documented (torch 2.13 signature)."""
-    num_q_heads, num_kv_heads = query.shape[1], key.shape[1]
-    if not enable_gqa and num_q_heads != num_kv_heads:
-        raise ValueError(f"Expect query and key/value to have the same number of heads but got "
-                         f"Hq={num_q_heads} and Hkv={num_kv_heads}. Try setting enable_gqa=True for GQA.")
-    assert num_q_heads % num_kv_heads == 0
-    assert window_size in ((-1, -1), (-1, 0)), window_size
-    for name, cu, tokens in (("cu_seq_q", cu_seq_q, query.shape[0]), ("cu_seq_k", cu_seq_k, key.shape[0])):
-        assert cu.dtype == torch.int32 and cu.device == query.device, (name, cu.dtype, cu.device)
-        assert int(cu[0]) == 0 and int(cu[-1]) == tokens and bool((cu[1:] >= cu[:-1]).all()), (name, cu, tokens)
-    assert cu_seq_q.shape == cu_seq_k.shape
-    lens_q, lens_k = (cu[1:] - cu[:-1] for cu in (cu_seq_q, cu_seq_k))
-    # The kernel sizes its tiles by these: a maximum that is too small truncates a sequence.
-    assert max_q == int(lens_q.max()) and max_k == int(lens_k.max()), (max_q, lens_q, max_k, lens_k)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    outs, lses = [], []
-    for s in range(len(lens_q)):
-        q_TNH = query[int(cu_seq_q[s]):int(cu_seq_q[s + 1])]
-        k_TNH = key[int(cu_seq_k[s]):int(cu_seq_k[s + 1])].repeat_interleave(num_q_heads // num_kv_heads, dim=1)
-        v_TNH = value[int(cu_seq_k[s]):int(cu_seq_k[s + 1])].repeat_interleave(num_q_heads // num_kv_heads, dim=1)
-        scores_NTT = torch.einsum("qnh,knh->nqk", q_TNH, k_TNH) * scale
-        if window_size == (-1, 0):
-            num_q, num_k = q_TNH.shape[0], k_TNH.shape[0]
-            seen_TT = torch.arange(num_k)[None, :] <= torch.arange(num_q)[:, None] + (num_k - num_q)
-            scores_NTT = scores_NTT.masked_fill(~seen_TT, float("-inf"))
-        lse_NT = torch.logsumexp(scores_NTT, dim=-1)
-        outs.append(torch.einsum("nqk,knh->qnh", torch.softmax(scores_NTT, dim=-1), v_TNH))
-        lses.append(lse_NT)
-    out_TNH, lse_NT = torch.cat(outs), torch.cat(lses, dim=1)  # the LSE as the kernel returns it: (N, T)
-    if return_aux is not None and return_aux.lse:
-        return out_TNH, lse_NT
-    return out_TNH
-
-
-def contract_varlen_attn_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                             scale=None, window_size=(-1, -1)):
-    """torch 2.11's signature: no ``enable_gqa``, so k/v must come with q's head count."""
-    return contract_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
-                                scale=scale, window_size=window_size)
-
-
-SIGNATURES = [pytest.param(contract_varlen_attn, id="torch2.13"), pytest.param(contract_varlen_attn_211, id="torch2.11")]
+KERNEL_GQA = [pytest.param(True, id="gqa-in-kernel"), pytest.param(False, id="gqa-expanded")]
 
 
 @pytest.fixture
 def native_varlen(monkeypatch, request):
-    """VarlenAttention's native path on CPU, with ``request.param`` as the kernel."""
-    kernel = request.param
+    """VarlenAttention's native path on CPU: torch's varlen_attn on the flash stand-in.
+    ``request.param``: whether the kernel takes GQA (torch 2.13's op) or k/v heads are expanded
+    before it (torch 2.11's op, rehearsed here by hiding ``enable_gqa``)."""
+    if _compat.varlen_ops() is None:
+        pytest.skip("this torch has no varlen ops (torch.nn.attention.varlen)")
     monkeypatch.setattr(VarlenAttention, "native_kernel_available", lambda self, device: True)
-    monkeypatch.setattr("dtensor_attn._compat.varlen_attn_or_none", lambda: kernel)
-    return kernel
+    if not request.param:
+        monkeypatch.setattr(_compat.varlen_ops(), "takes_gqa", False)
+    with flash_varlen_on_cpu():
+        yield
+
+
+def _weights(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run_varlen(config, q, k, v, mask, *, dtype, q_index_L=None, kv_index_L=None, lse_only=False):
+    """Output, LSE and q/k/v gradients of ``config``'s module on ``dtype`` copies of q/k/v, with
+    a loss that weighs the output and the LSE (or the LSE alone)."""
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = config.build()(*leaves, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L)
+    loss = (lse * _weights(lse.shape, 2).to(lse.dtype)).sum()
+    if not lse_only:
+        loss = loss + (out * _weights(out.shape, 1).to(out.dtype)).sum()
+    loss.backward()
+    grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]  # v, LSE alone
+    return [t.double() for t in (out, lse, *grads)]
 
 
 def rank_view(inputs, config, *, cp: int, rank: int, order: SeqOrder, documents: bool):
@@ -115,27 +99,56 @@ def _cases():
             yield pytest.param(cp, rank, order, documents, causal, gqa, id="-".join(words))
 
 
-@pytest.mark.parametrize("native_varlen", SIGNATURES, indirect=True)
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA, indirect=True)
 @pytest.mark.parametrize("out_layout", [Layout.BLNH, Layout.TNH])
 @pytest.mark.parametrize("cp,rank,order,documents,causal,gqa", list(_cases()))
 def test_varlen_native_path_equals_math_kernel(native_varlen, out_layout, cp, rank, order, documents, causal, gqa):
-    """Output, LSE and q/k/v gradients of the native path (segments, gathered keys, the kernel
-    contract) equal the math kernel's on the same rank view."""
+    """Output, LSE and q/k/v gradients of the native path (segments, gathered keys, torch's
+    wrapper and ops on the flash stand-in, our LSE-gradient formula) equal the math kernel's
+    on the same rank view, with the LSE in the loss."""
     inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2 if gqa else 8, head_dim=H, documents=documents)
     results = []
-    for kernel in (Kernel.AUTO, Kernel.MATH):
+    for kernel, dtype in ((Kernel.AUTO, torch.bfloat16), (Kernel.MATH, torch.float64)):
         config = AttentionConfig(backend="varlen", is_causal=causal, enable_gqa=gqa, return_lse=True,
                                  varlen_output=out_layout, kernel=kernel)
-        module = config.build()
         q, k, v, mask, q_index_L, kv_index_L = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out, lse = module(*leaves, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L)
-        (out.sum() + lse.sum() / 4).backward()
-        results.append((out, lse, *(leaf.grad for leaf in leaves)))
-        assert module.uses_native_kernel(q.device) is (kernel is Kernel.AUTO)
+        q, k, v = (t.to(torch.bfloat16).double() for t in (q, k, v))  # both from the same rounded values
+        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, q_index_L=q_index_L, kv_index_L=kv_index_L))
+        assert config.build().uses_native_kernel(q.device) is (kernel is Kernel.AUTO)
     for name, native, math_ in zip(("out", "lse", "grad q", "grad k", "grad v"), *results):
         assert native.shape == math_.shape, (name, native.shape, math_.shape)
-        torch.testing.assert_close(native, math_, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(native, math_, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA, indirect=True)
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "docs"])
+def test_varlen_lse_alone_carries_the_gradient(native_varlen, documents):
+    """BUGS row 12 on CPU: with the LSE as the whole loss, torch's varlen_attn formula gives
+    q/k gradients of 0 (relative error 1.0, as measured on the H200); ours the math kernel's."""
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2, head_dim=H, documents=documents)
+    results = []
+    for kernel, dtype in ((Kernel.AUTO, torch.bfloat16), (Kernel.MATH, torch.float64)):
+        config = AttentionConfig(backend="varlen", enable_gqa=True, return_lse=True, kernel=kernel)
+        mask = make_attention_masks(config, inputs.positions_BL)
+        q, k, v = (t.to(torch.bfloat16).double() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, lse_only=True))
+    for name, native, math_ in list(zip(("out", "lse", "grad q", "grad k", "grad v"), *results))[1:]:
+        torch.testing.assert_close(native, math_, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
+    assert float(results[1][2].abs().max()) > 0.1  # the LSE does move q: the check can fail
+
+
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA[:1], indirect=True)
+def test_stand_in_drops_the_lse_gradient_as_torch_does(native_varlen):
+    """The stand-in keeps the real kernel's contract, its flaw included: through torch's own
+    varlen_attn the LSE says requires_grad, and its gradient never reaches q (BUGS row 12)."""
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    q_TNH = torch.randn(16, 4, 8, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    cu_seq = torch.tensor([0, 10, 16], dtype=torch.int32)
+    out_TNH, lse = varlen_attn(q_TNH, q_TNH, q_TNH, cu_seq, cu_seq, 10, 10, return_aux=AuxRequest(lse=True))
+    assert lse.requires_grad and tuple(lse.shape) == (4, 16)  # torch's kernels: (N, T)
+    lse.sum().backward()
+    assert float(q_TNH.grad.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("cp,rank,order,documents,causal,gqa", list(_cases()))
@@ -165,15 +178,16 @@ def test_flex_reuses_the_plain_causal_block_mask():
     assert list(module._causal_block_masks) == [(L, L, inputs.q_BLNH.device)]
 
 
-@pytest.mark.parametrize("native_varlen", SIGNATURES[:1], indirect=True)
-def test_contract_kernel_sees_the_documents(native_varlen):
-    """The check above can fail: the contract kernel honours segments, so packed documents
-    change its output (a kernel that ignored cu_seqlens would equal the causal-only output)."""
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA[:1], indirect=True)
+def test_stand_in_sees_the_documents(native_varlen):
+    """The check above can fail: the stand-in honours segments, so packed documents change its
+    output (a kernel that ignored cu_seqlens would equal the causal-only output)."""
     inputs = make_inputs(batch=B, seq=L, documents=True)
     config = AttentionConfig(backend="varlen")
     module = config.build()
-    q, k, v = inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH
+    q, k, v = (t.bfloat16() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
     with_docs = module(q, k, v, make_attention_masks(config, inputs.positions_BL))
+    assert module.kernel_name(q.device) == "varlen"
     assert (with_docs - module(q, k, v)).abs().max() > 0.1
 
 
@@ -199,24 +213,9 @@ def test_segments_of_a_cp_rank_with_documents():
     assert segments.cu_seq_q.dtype == segments.cu_seq_kv.dtype == torch.int32
 
 
-def test_contract_kernel_signatures_match_torch():
-    """The stand-in of this torch's signature takes what its varlen_attn takes, in order, the
-    keywords as keywords (torch 2.13 has enable_gqa, 2.11 not)."""
-    varlen = pytest.importorskip("torch.nn.attention.varlen")
-    torch_params = inspect.signature(varlen.varlen_attn).parameters
-    stand_in = contract_varlen_attn if "enable_gqa" in torch_params else contract_varlen_attn_211
-    ours = inspect.signature(stand_in).parameters
-    assert list(ours) == [p for p in torch_params if p in ours]
-    for name, param in ours.items():
-        assert param.kind is torch_params[name].kind, name
-    assert "enable_gqa" not in inspect.signature(contract_varlen_attn_211).parameters
-
-
 def test_lse_layout_is_read_off_torch_not_guessed_from_the_shape():
     """T == N (8 tokens of a cp4 rank, 8 heads) made the shape check take torch's (N, T) LSE for
     (T, N): the cp4 cases above failed on the LSE until the layout came from torch's fake kernel."""
-    from dtensor_attn import _compat
-
     # torch 2.13's fake kernel: (num_heads, total_q); None where a torch has none to ask.
     assert _compat.varlen_lse_heads_first() is not False
     lse_NT = torch.arange(6.0).view(2, 3)
@@ -231,8 +230,26 @@ def test_lse_layout_is_read_off_torch_not_guessed_from_the_shape():
 
 
 def _lse(lse, *, heads_first, num_tokens, num_heads):
-    from dtensor_attn.backends import varlen
+    return lse_tokens_heads(lse, num_tokens, num_heads, heads_first)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("dtensor_attn._compat.varlen_lse_heads_first", lambda: heads_first)
-        return varlen._lse_TN(lse, num_tokens, num_heads)
+
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA[:1], indirect=True)
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+def test_varlen_native_path_compiles_in_one_graph(native_varlen, return_lse):
+    """torch.compile(fullgraph=True) traces the native path, our LSE-gradient function included
+    (aot_eager: the same autograd graph inductor gets, without a C++ build), with eager's
+    values and gradients. A graph break (an op schema read per call, one tensor passed twice to
+    an autograd.Function) fails here."""
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2, head_dim=H, documents=True)
+    config = AttentionConfig(backend="varlen", enable_gqa=True, return_lse=return_lse, varlen_output=Layout.TNH)
+    module = config.build()
+    mask = make_attention_masks(config, inputs.positions_BL)
+    results = []
+    for fn in (module, torch.compile(module, backend="aot_eager", fullgraph=True)):
+        leaves = [t.bfloat16().requires_grad_() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)]
+        out = fn(*leaves, mask)
+        loss = (out[0].float().sum() + out[1].sum()) if return_lse else out.float().sum()
+        loss.backward()
+        results.append([out[0] if return_lse else out, *(leaf.grad for leaf in leaves)])
+    for name, eager, compiled in zip(("out", "grad q", "grad k", "grad v"), *results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
