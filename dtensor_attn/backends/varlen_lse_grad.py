@@ -9,21 +9,21 @@ model that backpropagates through the LSE (attention sinks, say) gets silently w
 gradients. Used when the caller asks for the LSE; without it, torch's own formula is right.
 
 How the LSE gradient g gets into a kernel that takes only grad_out: flash's backward computes
-dS = P * (dP - D) with dP = dO v^T and D = rowsum(dO * O), reading O as it is handed. The
-exact gradient with an LSE term is dS = P * (dP - D + g). Appending zero columns to q, k and v
-changes neither the scores nor dP; appending columns to dO (ones) and to O (-g, split in two
-low-precision parts so its rounding costs nothing) makes the kernel's D equal D - g. The extra
-columns' gradients are dropped. This costs a padded copy of q, k, v, out and grad_out in the
-backward of LSE calls only, and head_dim + 8 in the kernel.
+dS = P * (dP - D) with dP = dO v^T and D = rowsum(dO * O), reading O as it is handed, and uses
+O for nothing else. The exact gradient with an LSE term is dS = P * (dP - D + g). So the kernel
+is handed O' = O - g * dO / |dO|^2 instead of O: then rowsum(dO * O') = D - g, and nothing else
+changes. A row whose dO is (nearly) zero while its g is not (the LSE used without the output)
+gets dO + TINY * e_0 instead of dO (TINY = 2^-100: its effect on dV and dP is below any bf16
+gradient) so that the division has a direction to follow. Everything is elementwise (no host
+sync, one graph under torch.compile); O' is rounded to the kernel dtype, which costs about
+2^-9 / sqrt(H) of g, below the kernel's own bf16 rounding of P.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-HEAD_DIM_ALIGN = 8  # flash kernels take head_dim in multiples of 8
+TINY = 2.0**-100  # bf16 and fp32 hold it (normal down to 2^-126); g / TINY fits for |g| < 2^27
 
 
 class VarlenWithLseGrad(torch.autograd.Function):
@@ -64,33 +64,24 @@ class VarlenWithLseGrad(torch.autograd.Function):
 
 
 def _backward_with_lse_grad(ops, grad_out_TNH, grad_lse, q_TNH, k_TNH, v_TNH, out_TNH, saved):
-    head_dim = q_TNH.shape[-1]
-    pad = HEAD_DIM_ALIGN  # keeps head_dim a multiple of 8 and leaves room for the two columns
     # The gradient has the kernel's LSE layout: (N, T) on every torch measured; (T, N) as documented.
     heads_first = tuple(grad_lse.shape) == (q_TNH.shape[1], q_TNH.shape[0]) and ops.lse_heads_first is not False
-    grad_lse_TN = (grad_lse.transpose(0, 1) if heads_first else grad_lse).float()
-    # -g as hi + lo in the kernel's dtype: hi carries 8 mantissa bits (bf16), lo the next 8.
-    minus_g_hi_TN = (-grad_lse_TN).to(out_TNH.dtype)
-    minus_g_lo_TN = (-grad_lse_TN - minus_g_hi_TN.float()).to(out_TNH.dtype)
-    extra_out_TNH = torch.zeros(*out_TNH.shape[:2], pad, dtype=out_TNH.dtype, device=out_TNH.device)
-    extra_out_TNH[..., 0], extra_out_TNH[..., 1] = minus_g_hi_TN, minus_g_lo_TN
-    extra_grad_TNH = torch.zeros_like(extra_out_TNH)
-    extra_grad_TNH[..., :2] = 1
-    padded = dict(
-        grad_out=torch.cat([grad_out_TNH.to(out_TNH.dtype), extra_grad_TNH], dim=-1),
-        out=torch.cat([out_TNH, extra_out_TNH], dim=-1),
-        query=_zero_pad(q_TNH, pad),
-        key=_zero_pad(k_TNH, pad),
-        value=_zero_pad(v_TNH, pad),
+    grad_lse_TN1 = (grad_lse.transpose(0, 1) if heads_first else grad_lse).float()[..., None]
+    grad_out_TNH = grad_out_TNH.float()
+    bump_TN1 = (grad_out_TNH.abs().amax(-1, keepdim=True) < TINY) & (grad_lse_TN1 != 0)
+    e0_H = torch.zeros(grad_out_TNH.shape[-1], device=grad_out_TNH.device)
+    e0_H[0] = TINY
+    grad_out_TNH = grad_out_TNH + bump_TN1 * e0_H
+    # g * dO / |dO|^2 as (g / |dO|) * (dO / |dO|): neither factor overflows or underflows.
+    scale_TN1 = grad_out_TNH.abs().amax(-1, keepdim=True).clamp_min(TINY)
+    unit_TNH = grad_out_TNH / scale_TN1
+    norm_TN1 = unit_TNH.norm(dim=-1, keepdim=True)
+    step_TN1 = torch.where(grad_lse_TN1 == 0, 0.0, grad_lse_TN1 / (scale_TN1 * norm_TN1))
+    out_for_delta_TNH = out_TNH.float() - step_TN1 * (unit_TNH / norm_TN1)
+    return ops.backward(
+        grad_out=grad_out_TNH.to(out_TNH.dtype), query=q_TNH, key=k_TNH, value=v_TNH,
+        out=out_for_delta_TNH.to(out_TNH.dtype), **saved,
     )
-    if saved["scale"] is None:  # the kernel would take 1/sqrt of the padded head_dim
-        saved = dict(saved, scale=1.0 / math.sqrt(head_dim))
-    grad_q, grad_k, grad_v = ops.backward(**padded, **saved)
-    return grad_q[..., :head_dim], grad_k[..., :head_dim], grad_v[..., :head_dim]
-
-
-def _zero_pad(t_TNH: torch.Tensor, pad: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t_TNH, (0, pad))
 
 
 def lse_tokens_heads(lse: torch.Tensor, num_tokens: int, num_heads: int, heads_first: bool | None) -> torch.Tensor:

@@ -66,14 +66,15 @@ def _weights(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def run_varlen(config, q, k, v, mask, *, dtype, q_index_L=None, kv_index_L=None, lse_only=False):
+def run_varlen(config, q, k, v, mask, *, dtype, q_index_L=None, kv_index_L=None, lse_only=False, out_scale=1.0):
     """Output, LSE and q/k/v gradients of ``config``'s module on ``dtype`` copies of q/k/v, with
-    a loss that weighs the output and the LSE (or the LSE alone)."""
+    a loss that weighs the output (by ``out_scale`` too: a tensor zeroes some rows) and the LSE
+    (or the LSE alone)."""
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     out, lse = config.build()(*leaves, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L)
     loss = (lse * _weights(lse.shape, 2).to(lse.dtype)).sum()
     if not lse_only:
-        loss = loss + (out * _weights(out.shape, 1).to(out.dtype)).sum()
+        loss = loss + (out * (_weights(out.shape, 1) * out_scale).to(out.dtype)).sum()
     loss.backward()
     grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]  # v, LSE alone
     return [t.double() for t in (out, lse, *grads)]
@@ -135,6 +136,25 @@ def test_varlen_lse_alone_carries_the_gradient(native_varlen, documents):
     for name, native, math_ in list(zip(("out", "lse", "grad q", "grad k", "grad v"), *results))[1:]:
         torch.testing.assert_close(native, math_, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
     assert float(results[1][2].abs().max()) > 0.1  # the LSE does move q: the check can fail
+
+
+@pytest.mark.parametrize("native_varlen", KERNEL_GQA[:1], indirect=True)
+@pytest.mark.parametrize("out_scale", [0.0, 1e-30, 1e-12, 1e6], ids=["rows-0", "rows-1e-30", "rows-1e-12", "rows-1e6"])
+def test_varlen_lse_gradient_with_tiny_or_huge_output_gradients(native_varlen, out_scale):
+    """The formula divides by |grad_out| per row: rows whose output gradient is 0 (a loss mask),
+    denormal-small or huge, beside rows of ordinary size, all get the math kernel's gradients."""
+    inputs = make_inputs(batch=B, seq=L, num_q_heads=8, num_kv_heads=2, head_dim=H, documents=True)
+    rows_BL11 = torch.ones(B, L, 1, 1, dtype=torch.float64)
+    rows_BL11[:, ::2] = out_scale  # every other token
+    results = []
+    for kernel, dtype in ((Kernel.AUTO, torch.bfloat16), (Kernel.MATH, torch.float64)):
+        config = AttentionConfig(backend="varlen", enable_gqa=True, return_lse=True, kernel=kernel)
+        q, k, v = (t.to(torch.bfloat16).double() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
+        mask = make_attention_masks(config, inputs.positions_BL)
+        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, out_scale=rows_BL11))
+    for name, native, math_ in list(zip(("out", "lse", "grad q", "grad k", "grad v"), *results))[2:]:
+        scale = float(math_.abs().max())
+        torch.testing.assert_close(native / scale, math_ / scale, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("native_varlen", KERNEL_GQA[:1], indirect=True)
