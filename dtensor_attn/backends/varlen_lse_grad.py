@@ -11,19 +11,20 @@ gradients. Used when the caller asks for the LSE; without it, torch's own formul
 How the LSE gradient g gets into a kernel that takes only grad_out: flash's backward computes
 dS = P * (dP - D) with dP = dO v^T and D = rowsum(dO * O), reading O as it is handed, and uses
 O for nothing else. The exact gradient with an LSE term is dS = P * (dP - D + g). So the kernel
-is handed O' = O - g * dO / |dO|^2 instead of O: then rowsum(dO * O') = D - g, and nothing else
-changes. A row whose dO is (nearly) zero while its g is not (the LSE used without the output)
-gets dO + TINY * e_0 instead of dO (TINY = 2^-100: its effect on dV and dP is below any bf16
-gradient) so that the division has a direction to follow. Everything is elementwise (no host
-sync, one graph under torch.compile); O' is rounded to the kernel dtype, which costs about
-2^-9 / sqrt(H) of g, below the kernel's own bf16 rounding of P.
+is handed O' = O - (g / |dO|^2) dO instead of O: then rowsum(dO * O') = D - g, and nothing else
+changes. The per-row factor g / |dO|^2 is kept below 2^100 (fp32 holds it, and O' stays in
+range): a row whose |dO|^2 is below |g| 2^-100 (its output unused, or nearly) gets
+dO + b e_0 with b = sqrt|g| 2^-50 instead of dO, a nudge 2^-50 / sqrt|g| the size of g, far
+below the bf16 rounding of any gradient. Four elementwise passes (a norm, the nudge, O', a
+cast), no host sync, one graph under torch.compile; O' is rounded to the kernel dtype, which
+costs about 2^-9 / sqrt(H) of g, below the kernel's own bf16 rounding of P.
 """
 
 from __future__ import annotations
 
 import torch
 
-TINY = 2.0**-100  # bf16 and fp32 hold it (normal down to 2^-126); g / TINY fits for |g| < 2^27
+MAX_FACTOR_LOG2 = 100  # g / |dO|^2 stays below 2^100: fp32 holds it, and O' = O - factor dO too
 
 
 class VarlenWithLseGrad(torch.autograd.Function):
@@ -66,20 +67,22 @@ class VarlenWithLseGrad(torch.autograd.Function):
 def _backward_with_lse_grad(ops, grad_out_TNH, grad_lse, q_TNH, k_TNH, v_TNH, out_TNH, saved):
     # The gradient has the kernel's LSE layout: (N, T) on every torch measured; (T, N) as documented.
     heads_first = tuple(grad_lse.shape) == (q_TNH.shape[1], q_TNH.shape[0]) and ops.lse_heads_first is not False
-    grad_lse_TN1 = (grad_lse.transpose(0, 1) if heads_first else grad_lse).float()[..., None]
-    grad_out_TNH = grad_out_TNH.float()
-    bump_TN1 = (grad_out_TNH.abs().amax(-1, keepdim=True) < TINY) & (grad_lse_TN1 != 0)
-    e0_H = torch.zeros(grad_out_TNH.shape[-1], device=grad_out_TNH.device)
-    e0_H[0] = TINY
-    grad_out_TNH = grad_out_TNH + bump_TN1 * e0_H
-    # g * dO / |dO|^2 as (g / |dO|) * (dO / |dO|): neither factor overflows or underflows.
-    scale_TN1 = grad_out_TNH.abs().amax(-1, keepdim=True).clamp_min(TINY)
-    unit_TNH = grad_out_TNH / scale_TN1
-    norm_TN1 = unit_TNH.norm(dim=-1, keepdim=True)
-    step_TN1 = torch.where(grad_lse_TN1 == 0, 0.0, grad_lse_TN1 / (scale_TN1 * norm_TN1))
-    out_for_delta_TNH = out_TNH.float() - step_TN1 * (unit_TNH / norm_TN1)
+    grad_lse_TN1 = (grad_lse.transpose(0, 1) if heads_first else grad_lse)[..., None].double()
+    grad_out_TNH = grad_out_TNH.to(out_TNH.dtype)
+    # Per-row scalars in float64 (T * N of them: cheap), so no square underflows or overflows.
+    norm2_TN1 = torch.linalg.vector_norm(grad_out_TNH, dim=-1, keepdim=True, dtype=torch.float64) ** 2
+    nudge_TN1 = (norm2_TN1 < grad_lse_TN1.abs() * 2.0**-MAX_FACTOR_LOG2) & (grad_lse_TN1 != 0)
+    size_TN1 = (grad_lse_TN1.abs().sqrt() * 2.0 ** -(MAX_FACTOR_LOG2 // 2)).to(out_TNH.dtype)
+    size_TN1 = torch.where(nudge_TN1, size_TN1, 0)
+    e0_H = torch.zeros(grad_out_TNH.shape[-1], dtype=out_TNH.dtype, device=out_TNH.device)
+    e0_H[0] = 1
+    first_TN1 = grad_out_TNH[..., :1].double()
+    grad_out_TNH = torch.addcmul(grad_out_TNH, size_TN1, e0_H)
+    norm2_TN1 = norm2_TN1 - first_TN1**2 + grad_out_TNH[..., :1].double() ** 2  # |dO + b e0|^2, as rounded
+    factor_TN1 = torch.where(grad_lse_TN1 == 0, 0.0, grad_lse_TN1 / norm2_TN1.clamp_min(torch.finfo(torch.float64).tiny))
+    out_for_delta_TNH = torch.addcmul(out_TNH, grad_out_TNH, -factor_TN1.float())  # fp32: out + bf16 * fp32
     return ops.backward(
-        grad_out=grad_out_TNH.to(out_TNH.dtype), query=q_TNH, key=k_TNH, value=v_TNH,
+        grad_out=grad_out_TNH, query=q_TNH, key=k_TNH, value=v_TNH,
         out=out_for_delta_TNH.to(out_TNH.dtype), **saved,
     )
 
