@@ -3,19 +3,20 @@
 # the GPU-only tests (real kernels, kernel launches), the distributed suite under torchrun with
 # NCCL on all GPUs, the whole simulated suite on that machine's torch (CPU meshes), the
 # distributed suite on simulated ranks all on the one GPU (CUDA meshes: flash sdpa and torch's
-# ring attention at any world size), the wrapper-overhead benchmark, and with 2 or more GPUs
+# ring attention at any world size), the wrapper-overhead benchmark, the cost of varlen's LSE
+# gradient, and with 2 or more GPUs
 # the CP benchmark (CP=2 against one GPU at 32k tokens, ring and all-gather). Full logs go to
 # $OUT (or out/gpu); the console gets each step's summary.
 #
 # usage: bash benchmarks/gpu_run.sh [STEP...]
-#        steps: gpu torchrun simulated simulated-cuda wrapper cp (default: all)
+#        steps: gpu torchrun simulated simulated-cuda wrapper lse cp (default: all)
 #        (carry .whl with an expecttest wheel: see docs/gpu-results.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-steps=("${@:-gpu torchrun simulated simulated-cuda wrapper cp}")
+steps=("${@:-gpu torchrun simulated simulated-cuda wrapper lse cp}")
 steps=" ${steps[*]} "
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -50,6 +51,10 @@ fi
 if [[ $steps == *" wrapper "* ]]; then
   echo "=== wrapper overhead"
   torchrun --standalone --nproc-per-node 1 benchmarks/wrapper_overhead.py --shard-heads 2 2>&1 | tee "$out/wrapper-overhead.log" | grep -E "^\||^#"
+fi
+if [[ $steps == *" lse "* ]]; then
+  echo "=== varlen LSE gradient cost"
+  python3 benchmarks/varlen_lse_grad.py 2>&1 | tee "$out/varlen-lse-grad.log" | grep -E "^\||^#"
 fi
 if [[ $steps == *" cp "* ]]; then
   echo "=== CP benchmark (2 GPUs, NCCL)"
