@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from dtensor_attn.layout import Layout
 
@@ -60,34 +61,64 @@ class AttentionConfig:
     kernel: Kernel = Kernel.AUTO
 
     def __post_init__(self) -> None:
-        if isinstance(self.backend, str):
-            try:
-                self.backend = Backend(self.backend)
-            except ValueError:
-                names = ", ".join(b.value for b in Backend)
-                raise ValueError(
-                    f"AttentionConfig: unknown backend {self.backend!r}; expected one of {names}"
-                ) from None
+        self.backend = _backend(self.backend)
         if self.layout not in (Layout.BLNH, Layout.BNLH):
             raise ValueError(
-                f"AttentionConfig: layout must be Layout.BLNH or the legacy Layout.BNLH, "
-                f"got {self.layout!r}"
+                f"AttentionConfig: layout must be Layout.BLNH or the legacy Layout.BNLH, got "
+                f"{self.layout!r}. Fix: leave layout at Layout.BLNH; for varlen's packed output "
+                f"use backend='varlen', varlen_output=Layout.TNH."
             )
         if self.varlen_output not in (Layout.BLNH, Layout.TNH):
             raise ValueError(
-                f"AttentionConfig: varlen_output must be Layout.BLNH or Layout.TNH, "
-                f"got {self.varlen_output!r}"
+                f"AttentionConfig: varlen_output must be Layout.BLNH or Layout.TNH, got "
+                f"{self.varlen_output!r}. Fix: varlen_output=Layout.TNH for varlen's packed output "
+                f"(from dtensor_attn import Layout), else leave it out."
             )
         if self.varlen_output is Layout.TNH and self.backend is not Backend.VARLEN:
             raise ValueError(
                 f"AttentionConfig: varlen_output=Layout.TNH needs backend varlen, got "
                 f"{self.backend}. Fix: drop varlen_output, or use backend='varlen'."
             )
-        if self.scale is not None and self.scale <= 0:
-            raise ValueError(f"AttentionConfig: scale must be positive, got {self.scale}")
+        for name in ("is_causal", "enable_gqa", "return_lse"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # a truthy string or tensor would pass silently
+                raise ValueError(
+                    f"AttentionConfig: {name} must be True or False, got {value!r}. "
+                    f"Fix: {name}=True or {name}=False."
+                )
+        scale = self.scale
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf
+        ):
+            raise ValueError(
+                f"AttentionConfig: scale must be a positive finite number or None, got {scale!r}. "
+                f"Fix: scale=None (1/sqrt(head_dim)), or a value such as 0.125."
+            )
+        if not isinstance(self.kernel, Kernel):
+            names = ", ".join(f"Kernel.{k.name}" for k in Kernel)
+            by_value = {k.value: k for k in Kernel}
+            hint = by_value.get(str(self.kernel).lower(), Kernel.AUTO)
+            raise ValueError(
+                f"AttentionConfig: kernel must be one of {names}, got {self.kernel!r}. "
+                f"Fix: kernel=Kernel.{hint.name} (from dtensor_attn import Kernel)."
+            )
 
     def build(self):
         """The inner attention module for this config (from the backend registry)."""
         from dtensor_attn.backends import REGISTRY
 
         return REGISTRY[self.backend](self)
+
+
+def _backend(value: object) -> Backend:
+    """The Backend for ``value`` (a Backend or its string form)."""
+    if isinstance(value, Backend):
+        return value
+    try:
+        return Backend(value)
+    except (ValueError, TypeError):
+        names = ", ".join(b.value for b in Backend)
+        raise ValueError(
+            f"AttentionConfig: unknown backend {value!r}; expected one of {names} (a str or a "
+            f"Backend). Fix: e.g. AttentionConfig(backend='flex')."
+        ) from None

@@ -172,13 +172,18 @@ def _observe(module, args, kv_shape, cp_mesh) -> CPBoundary:
     return CPBoundary(CPStrategy.ALL_GATHER, grown[0], (Shard(grown[0]),), (Replicate(),))
 
 
+def hooks_cp_mesh(inner) -> DeviceMesh | None:
+    """The cp mesh apply_context_parallel put on ``inner``, or None where it applied none."""
+    return getattr(inner, _APPLIED_ATTR, None)
+
+
 def _check_supported(inner: InnerAttention, cp_mesh: DeviceMesh, load_balance: bool) -> None:
     where = f"apply_context_parallel: {type(inner).__name__} ({inner.backend}, layout {inner.in_layout.name})"
     full_mesh_fix = (
         "Fix: use full-mesh CP through LocalMapAttention (q/k/v DTensors with "
         f"Shard({inner.in_layout.seq_dim}) on the cp axis), which runs every backend on CPU and GPU"
     )
-    if getattr(inner, _APPLIED_ATTR, None) is not None:
+    if hooks_cp_mesh(inner) is not None:
         raise ContextParallelError(f"{where}: context parallel is already applied to this module; a second "
                                    f"application would gather k/v twice. Fix: apply it once.")
     if getattr(inner, "cp_strategy", None) is None:
@@ -277,6 +282,7 @@ __all__ = [
     "CPBoundary",
     "CPStrategy",
     "ContextParallelError",
+    "hooks_cp_mesh",
     "apply_context_parallel",
     "attach_boundary_check",
     "expected_boundary",

@@ -9,11 +9,16 @@ gradient placements, and calls torch's ``local_map`` with all three. A mesh axis
 the sequence is context parallelism: k/v are all-gathered over it at the boundary (q stays
 sharded), each rank's queries are masked by their global sequence index, and the k/v local
 gradients are Partial on that axis. Plans are cached per (mesh, placements, shapes).
+
+Every input check runs before ``local_map`` (which all-gathers k/v under CP) and compares global
+shapes and head counts, never a rank's: the inner module's own checks (``check_qkv``,
+``check_mask_type``, ``check_mask_shapes``) on the DTensors, then the CP-only ones here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,11 +28,12 @@ from torch.distributed.tensor.experimental import local_map
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Partial, Placement, Replicate, Shard, StridedShard
-from dtensor_attn.backends.base import InnerAttention
+from dtensor_attn.backends.base import InnerAttention, batch_seq, check_mask_type, check_qkv
+from dtensor_attn.context_parallel import hooks_cp_mesh
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
-from dtensor_attn.masks import DocumentMask
+from dtensor_attn.masks import DocumentMask, check_mask_shapes
 from dtensor_attn.placements import (
     Placements,
     format_placements,
@@ -66,9 +72,16 @@ class LocalMapAttention(nn.Module):
             if not hasattr(inner, name):
                 raise TypeError(
                     f"LocalMapAttention needs an inner attention that declares in_layout, "
-                    f"out_layout and lse_layout; {type(inner).__name__} has no {name}"
+                    f"out_layout and lse_layout; {type(inner).__name__} has no {name}. Fix: wrap "
+                    f"a module built by AttentionConfig(...).build(), or declare the three layouts."
                 )
         self.inner = inner
+        if not isinstance(seq_order, SeqOrder):  # a string would select head-tail silently
+            hint = {o.value: o for o in SeqOrder}.get(str(seq_order).lower(), SeqOrder.CONTIGUOUS)
+            raise ValueError(
+                f"{self.name}: seq_order must be SeqOrder.CONTIGUOUS or SeqOrder.HEAD_TAIL, got "
+                f"{seq_order!r}. Fix: seq_order=SeqOrder.{hint.name} (from dtensor_attn import SeqOrder)."
+            )
         self._plans: dict[tuple, _Plan] = {}
 
     @property
@@ -98,8 +111,13 @@ class LocalMapAttention(nn.Module):
         if kwargs:
             raise TypeError(
                 f"{self.name}: unexpected keyword arguments {sorted(kwargs)} with DTensor inputs; "
-                f"the wrapper derives sequence offsets itself"
+                f"the wrapper derives sequence offsets itself. Fix: drop them (pass the mask "
+                f"positionally)."
             )
+        if mask is not None:  # before the key, which reads the mask's tensors
+            inner = self.inner
+            who = f"{self.name}: {type(inner).__name__}" + (f" ({inner.backend})" if hasattr(inner, "backend") else "")
+            check_mask_type(who, mask, getattr(inner, "mask_type", DocumentMask))
         key = self._key(q, k, v, mask)
         plan = self._plans.get(key)
         if plan is None:
@@ -129,6 +147,8 @@ class LocalMapAttention(nn.Module):
         placements = self.infer_placements(q, k, v)
         mesh = q.device_mesh
         layout = self.inner.in_layout
+        if mask is not None:
+            self._check_mask_shapes(q, k, mask, cp=bool(placements.cp_axes))
         seq_index_args: tuple[DTensor, ...] = ()
         if placements.cp_axes:
             seq_index_args = self._seq_index_args(q, placements.cp_axes)
@@ -232,6 +252,7 @@ class LocalMapAttention(nn.Module):
                 f"Fix: distribute k and v with q's placements."
             )
         self._check_divisible(q, k, q_pl, layout, mesh)
+        self._check_shapes(q, k, v, q_pl, cp_axes)
         kv_pl = tuple(Replicate() if i in cp_axes else p for i, p in enumerate(k_pl))
         mesh_shape = tuple(mesh.shape)
         out_pl = infer_out_placements(
@@ -281,20 +302,67 @@ class LocalMapAttention(nn.Module):
                     ways *= mesh.shape[axis]
             for name, t in (("q", q), ("k/v", k)):
                 if t.shape[dim] % ways:
-                    axes = [mesh.mesh_dim_names[a] if mesh.mesh_dim_names else a for a, p in enumerate(q_pl) if p == Shard(dim)]
+                    axes = _axis_names(mesh, [a for a, p in enumerate(q_pl) if p == Shard(dim)])
                     raise PlacementError(
                         f"{self.name}: {name} has {t.shape[dim]} {what} in {layout.name}, not divisible by "
                         f"the {ways} ranks of mesh axes {axes} that shard it. Fix: choose a "
                         f"{what} count divisible by {ways}, or a smaller degree on {axes}."
                     )
 
-    def _check_local_shapes(self, local_q_shape, result, expected_shapes) -> None:
-        outputs = result if len(expected_shapes) == 2 else (result,)
-        if len(expected_shapes) == 2 and not (isinstance(result, tuple) and len(result) == 2):
-            raise PlacementError(
-                f"{self.name}: return_lse is set, so the kernel must return (out, lse); got {type(result).__name__}"
+    def _check_shapes(self, q, k, v, q_pl: Placements, cp_axes: tuple[int, ...]) -> None:
+        """The inner module's input checks on global shapes, then what CP adds: one seq length."""
+        layout, mesh = self.inner.in_layout, q.device_mesh
+        heads_axes = [a for a, p in enumerate(q_pl) if p == Shard(layout.heads_dim)]
+        config = getattr(self.inner, "config", None)
+        check_qkv(self.name, layout, q, k, v, enable_gqa=getattr(config, "enable_gqa", None), scope="global",
+                  heads_sharding=(_axis_names(mesh, heads_axes), math.prod(mesh.shape[a] for a in heads_axes)))
+        seq_dim = layout.seq_dim
+        if cp_axes and q.shape[seq_dim] != k.shape[seq_dim]:
+            raise ValueError(
+                f"{self.name}: q has seq {q.shape[seq_dim]} but k/v seq {k.shape[seq_dim]} (global), with "
+                f"seq sharded over mesh axes {_axis_names(mesh, cp_axes)} (context parallel); the wrapper "
+                f"gives k/v the sequence positions of q. Fix: give q, k and v one seq length, or do not "
+                f"shard seq (no Shard({seq_dim}) in q's placements)."
             )
+
+    def _check_mask_shapes(self, q, k, mask: DocumentMask, *, cp: bool) -> None:
+        """The mask covers q's global (batch, seq); with context-parallel hooks on the inner
+        module (apply_context_parallel), the whole sequence of which q is one CP chunk."""
+        layout = self.inner.in_layout
+        (q_batch, q_seq), (kv_batch, kv_seq) = batch_seq(q, layout), batch_seq(k, layout)
+        hooks_mesh = hooks_cp_mesh(self.inner)
+        scope, note = "global", ""
+        if hooks_mesh is not None:
+            degree = hooks_mesh.size()
+            scope = f"the whole sequence: {q_seq} per rank x the {degree} ranks of the context-parallel hooks"
+            q_seq, kv_seq = q_seq * degree, kv_seq * degree
+        if cp or hooks_mesh is not None:
+            note = ", with the global positions (permute_mask if load-balanced), not a CP shard's"
+        check_mask_shapes(self.name, mask, q_BL=(q_batch, q_seq), kv_BL=(kv_batch, kv_seq), scope=scope, fix_note=note)
+
+    def _check_local_shapes(self, local_q_shape, result, expected_shapes) -> None:
+        if len(expected_shapes) == 2:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise PlacementError(
+                    f"{self.name}: the kernel declares an LSE (lse_layout {expected_shapes[1][1].name}), so it "
+                    f"must return (out, lse); got a {type(result).__name__}. Fix: return (out, lse), or "
+                    f"declare lse_layout = None."
+                )
+            outputs = result
+        elif isinstance(result, (tuple, list)):
+            raise PlacementError(
+                f"{self.name}: the kernel returned a {type(result).__name__} of {len(result)} where it declares "
+                f"one output (out_layout {expected_shapes[0][1].name}, no lse_layout). Fix: return the output "
+                f"tensor alone, or declare an lse_layout for a second output (return_lse=True)."
+            )
+        else:
+            outputs = (result,)
         for t, (what, layout, expected) in zip(outputs, expected_shapes):
+            if not isinstance(t, torch.Tensor):
+                raise PlacementError(
+                    f"{self.name}: the kernel returned a {type(t).__name__} as its {what}; it declares a "
+                    f"{layout.name} tensor. Fix: return a tensor in {layout.name}."
+                )
             if tuple(t.shape) != expected:
                 raise PlacementError(
                     f"{self.name}: the kernel returned a local {what} of shape {tuple(t.shape)}, but "
@@ -302,6 +370,11 @@ class LocalMapAttention(nn.Module):
                     f"{expected}. Fix: make the kernel return {layout.name}, or declare the "
                     f"layout it returns (out_layout/lse_layout)."
                 )
+
+
+def _axis_names(mesh, axes) -> list:
+    """Mesh axes by name where the mesh names them (``['tp']``), else by index."""
+    return [mesh.mesh_dim_names[a] if mesh.mesh_dim_names else a for a in axes]
 
 
 def _bl_placements(placements: Placements, layout: Layout) -> Placements:

@@ -23,10 +23,16 @@ class SDPAAttention(BNLHKernelAttention):
 
     @classmethod
     def make_masks(cls, config, positions_BL):
-        if positions_BL is not None and bool((positions_BL[:, 1:] == 0).any()):
+        if positions_BL is None:
+            return None
+        restarts_BL = positions_BL[:, 1:] == 0
+        if bool(restarts_BL.any()):
+            row = int(restarts_BL.any(dim=1).int().argmax())
+            index = int(restarts_BL[row].int().argmax()) + 1
             raise ValueError(
-                "sdpa cannot apply packed-document masks: positions restart inside a row. "
-                "Fix: use backend 'flex' or 'varlen' for packed documents."
+                f"make_attention_masks: sdpa cannot apply packed-document masks: positions restart "
+                f"at 0 inside row {row} (at seq index {index}); sdpa takes one document per row. "
+                f"Fix: use backend 'flex' or 'varlen' for packed documents."
             )
         return None
 
@@ -34,7 +40,7 @@ class SDPAAttention(BNLHKernelAttention):
         return True
 
     def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
-        # mask is always None here: _check_mask refuses every mask for sdpa.
+        # mask is always None here: _check_inputs refuses every mask for sdpa.
         cfg = self.config
         scale = self.scale_for(q_BNLH.shape[-1])
         num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]

@@ -57,8 +57,7 @@ class VarlenAttention(InnerAttention):
         )
 
     def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
-        self._check_mask(mask)
-        self._check_qkv(q, k, v)
+        self._check_inputs(q, k, v, mask)
         if self.in_layout is Layout.BNLH:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         batch, num_q, num_q_heads, head_dim = q.shape

@@ -25,6 +25,7 @@ from torch.distributed.tensor.experimental import local_map
 from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, infer_out_placements
 from dtensor_attn.backends import SDPAAttention
 from dtensor_attn.config import Backend
+from dtensor_attn.masks import DocumentMask
 
 BLNH = Layout.BLNH
 
@@ -157,6 +158,8 @@ class FirstCallCache(TinyAttention):
 
 
 class _SDPASwallowingMasks(SDPAAttention):
+    mask_type = DocumentMask  # accepts any document mask, as a kernel taking **kwargs does
+
     def forward(self, q, k, v, mask=None, **kwargs):
         return super().forward(q, k, v, None, **kwargs)  # the mask vanishes here
 
