@@ -117,7 +117,7 @@ def main() -> None:
         try:
             if path == "ring":
                 inner = config.build()
-                apply_context_parallel(inner, mesh, load_balance=order is SeqOrder.HEAD_TAIL)
+                apply_context_parallel(inner, mesh, seq_order=order)
                 leaves = [distribute_tensor(t, mesh, (Shard(1),)).to_local().requires_grad_() for t in shard_order_qkv]
                 run = lambda: inner(*leaves)  # noqa: E731
             else:

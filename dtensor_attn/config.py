@@ -23,13 +23,6 @@ class Backend(enum.Enum):
         return self.value
 
 
-class CPStrategy(enum.Enum):
-    """How torch's ``_ContextParallel`` hooks run a backend (dtensor_attn.context_parallel)."""
-
-    RING = "ring"  # torch's SDPA attention type: k/v rotate between ranks (CUDA only)
-    ALL_GATHER = "all_gather"  # torch's FLEX attention type: a k/v all-gather, any kernel
-
-
 class Kernel(enum.Enum):
     """Which kernel runs: torch's own (``NATIVE``), or the math reference with the same contract.
 

@@ -37,11 +37,13 @@ from torch.distributed.tensor.parallel import parallelize_module
 from dtensor_attn import _compat
 from dtensor_attn._compat import Replicate, Shard
 from dtensor_attn.backends import REGISTRY, InnerAttention
-from dtensor_attn.config import Backend, CPStrategy, Kernel
+from dtensor_attn.backends.base import CPStrategy
+from dtensor_attn.config import Backend, Kernel
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
 from dtensor_attn.placements import Placements, format_placements
+from dtensor_attn.visibility import Visibility
 
 
 _KV_SHAPE_KEY = "_dtensor_attn_cp_kv_shape"  # prefix of the kwarg that carries k's local shape to the check
@@ -74,14 +76,23 @@ def expected_boundary(layout: Layout, backend: Backend) -> CPBoundary:
 
 
 def apply_context_parallel(
-    inner_or_model: nn.Module, cp_mesh: DeviceMesh, *, load_balance: bool = False
+    inner_or_model: nn.Module, cp_mesh: DeviceMesh, *, seq_order: SeqOrder = SeqOrder.CONTIGUOUS
 ) -> list[InnerAttention]:
     """Hook torch's ``_ContextParallel`` onto every inner attention in ``inner_or_model``.
 
-    ``cp_mesh``: the 1-D cp mesh (``mesh["cp"]``). ``load_balance``: the sequence is laid out
-    head-tail (``load_balance.head_tail_permutation``) before it is sharded. Returns the hooked
-    modules. Raises ContextParallelError before any hook is added where torch cannot run it.
+    ``cp_mesh``: the 1-D cp mesh (``mesh["cp"]``). ``seq_order``: how the sequence is laid out
+    before it is sharded, the same knob as ``LocalMapAttention(seq_order=...)``:
+    ``SeqOrder.HEAD_TAIL`` balances causal work (``load_balance.head_tail_permutation``).
+    Returns the hooked modules. Raises ContextParallelError before any hook is added where torch
+    cannot run it.
     """
+    if not isinstance(seq_order, SeqOrder):
+        raise ValueError(
+            f"apply_context_parallel: seq_order must be SeqOrder.CONTIGUOUS or SeqOrder.HEAD_TAIL, got "
+            f"{seq_order!r}. Fix: seq_order=SeqOrder.HEAD_TAIL to balance causal work (from dtensor_attn "
+            f"import SeqOrder)."
+        )
+    load_balance = seq_order is SeqOrder.HEAD_TAIL
     inners = [m for m in inner_or_model.modules() if isinstance(m, InnerAttention)]
     if not inners:
         raise ValueError(
@@ -104,8 +115,7 @@ def apply_context_parallel(
             inner.register_forward_pre_hook(_RingInputCheck(load_balance), with_kwargs=True)
             attention_type = style_type.AttentionType.SDPA
         else:
-            order = SeqOrder.HEAD_TAIL if load_balance else SeqOrder.CONTIGUOUS
-            inner.register_forward_pre_hook(_AllGatherInputs(cp_mesh, order), with_kwargs=True)
+            inner.register_forward_pre_hook(_AllGatherInputs(cp_mesh, seq_order), with_kwargs=True)
             attention_type = style_type.AttentionType.FLEX
         style = style_type(seq_dim=inner.in_layout.seq_dim, attention_type=attention_type)
         parallelize_module(inner, cp_mesh, style)
@@ -224,9 +234,9 @@ class _RingInputCheck:
             )
         if _compat.ring_load_balance() != self.load_balance:
             raise ContextParallelError(
-                f"{type(module).__name__}: applied with load_balance={self.load_balance}, but torch's "
+                f"{type(module).__name__}: applied with load balancing {self.load_balance} (seq_order), but torch's "
                 f"process-wide ring option is now {_compat.ring_load_balance()} (another "
-                f"apply_context_parallel call changed it). Fix: use one load_balance per process."
+                f"apply_context_parallel call changed it). Fix: use one seq_order per process."
             )
         return args, kwargs
 
@@ -240,15 +250,16 @@ class _AllGatherInputs:
     def __call__(self, module, args, kwargs):
         if len(args) < 3 or len(args) > 4:
             raise TypeError(f"{type(module).__name__} takes q, k, v and an optional mask positionally")
-        for key in ("q_seq_index_L", "kv_seq_index_L"):
-            if kwargs.get(key) is not None:
-                raise ContextParallelError(
-                    f"{type(module).__name__} got {key} while context parallel hooks are applied: the "
-                    f"sequence is then sharded twice (full-mesh CP over a mesh with a cp axis, and the "
-                    f"hooks). Fix: keep the cp axis off the DTensors' mesh, or drop the hooks."
-                )
+        if kwargs.get("visibility") is not None and kwargs["visibility"].sharded:
+            raise ContextParallelError(
+                f"{type(module).__name__} got a sharded visibility while context parallel hooks are "
+                f"applied: the sequence is then sharded twice (full-mesh CP over a mesh with a cp axis, "
+                f"and the hooks). Fix: keep the cp axis off the DTensors' mesh, or drop the hooks."
+            )
         q, k, v = args[:3]
         mask = args[3] if len(args) == 4 else kwargs.get("mask")
+        if mask is None and kwargs.get("visibility") is not None:
+            mask = kwargs["visibility"].mask
         seq_dim, degree = module.in_layout.seq_dim, self.cp_mesh.size()
         seq_len = q.shape[seq_dim] * degree
         index_L = global_seq_index(self.order, seq_len, degree, device=q.device)
@@ -263,7 +274,8 @@ class _AllGatherInputs:
                 )
             kv_ids_BL = mask.kv_document_ids_BL.to(q.device)
             mask = mask.with_tensors(self._local_rows(ids_BL.to(q.device), 1), kv_ids_BL)
-        kwargs = {**kwargs, "mask": mask, "q_seq_index_L": self._local_rows(index_L, 0), "kv_seq_index_L": index_L}
+        visibility = Visibility(module.is_causal, mask, self._local_rows(index_L, 0), index_L)
+        kwargs = {**{k: v for k, v in kwargs.items() if k != "mask"}, "visibility": visibility}
         # torch's hook reads q, k, v by flex_attention's positions (query, key, value, score_mod,
         # block_mask); some versions assert on block_mask. _drop_flex_trailing_args undoes this.
         return (q, k, v, *_compat.FLEX_CP_HOOK_TRAILING_ARGS), kwargs

@@ -28,12 +28,14 @@ from torch.distributed.tensor.experimental import local_map
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Partial, Placement, Replicate, Shard, StridedShard
-from dtensor_attn.backends.base import InnerAttention, batch_seq, check_mask_type, check_qkv
+from dtensor_attn.backends.base import batch_seq, check_mask_type, check_qkv
 from dtensor_attn.context_parallel import hooks_cp_mesh
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
 from dtensor_attn.masks import DocumentMask, check_mask_shapes
+from dtensor_attn.protocol import InnerAttentionProtocol, check_inner_attention
+from dtensor_attn.visibility import Visibility
 from dtensor_attn.placements import (
     Placements,
     format_placements,
@@ -65,16 +67,10 @@ class _Plan:
 class LocalMapAttention(nn.Module):
     """Wraps an inner attention; plain tensors pass through, DTensors get inferred placements."""
 
-    def __init__(self, inner: InnerAttention, *, seq_order: SeqOrder = SeqOrder.CONTIGUOUS) -> None:
+    def __init__(self, inner: InnerAttentionProtocol, *, seq_order: SeqOrder = SeqOrder.CONTIGUOUS) -> None:
         super().__init__()
         self.seq_order = seq_order
-        for name in ("in_layout", "out_layout", "lse_layout"):
-            if not hasattr(inner, name):
-                raise TypeError(
-                    f"LocalMapAttention needs an inner attention that declares in_layout, "
-                    f"out_layout and lse_layout; {type(inner).__name__} has no {name}. Fix: wrap "
-                    f"a module built by AttentionConfig(...).build(), or declare the three layouts."
-                )
+        check_inner_attention(inner, "LocalMapAttention")
         self.inner = inner
         if not isinstance(seq_order, SeqOrder):  # a string would select head-tail silently
             hint = {o.value: o for o in SeqOrder}.get(str(seq_order).lower(), SeqOrder.CONTIGUOUS)
@@ -170,14 +166,15 @@ class LocalMapAttention(nn.Module):
             if layout is not None
         )
 
+        is_causal = self.inner.is_causal
+
         def run(q_local, k_local, v_local, *extra_locals):
             extra = list(extra_locals)
-            local_mask, kwargs = None, {}
+            local_mask = None
             if mask_type is not None:
                 local_mask = mask_type(q_document_ids_BL=extra.pop(0), kv_document_ids_BL=extra.pop(0))
-            if cp:
-                kwargs["q_seq_index_L"], kwargs["kv_seq_index_L"] = extra
-            result = self.inner(q_local, k_local, v_local, local_mask, **kwargs)
+            visibility = Visibility(is_causal, local_mask, *(extra if cp else ()))
+            result = self.inner(q_local, k_local, v_local, visibility=visibility)
             self._check_local_shapes(local_q_shape, result, expected_shapes)
             return result
 

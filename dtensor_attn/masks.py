@@ -17,16 +17,15 @@ import dataclasses
 
 import torch
 
-from dtensor_attn.config import AttentionConfig
 
 
 def document_ids_from_positions(positions_BL: torch.Tensor) -> torch.Tensor:
     """Document index of each token: a new document starts wherever the position is 0."""
-    _check_positions(positions_BL)
+    check_positions(positions_BL)
     return torch.cumsum((positions_BL == 0).to(torch.int32), dim=1)
 
 
-def _check_positions(positions_BL) -> None:
+def check_positions(positions_BL) -> None:
     if not isinstance(positions_BL, torch.Tensor):
         raise TypeError(
             f"make_attention_masks: positions_BL must be a (batch, seq) tensor or None, got "
@@ -55,21 +54,6 @@ class DocumentMask:
 
     def with_tensors(self, q_document_ids_BL, kv_document_ids_BL) -> DocumentMask:
         return type(self)(q_document_ids_BL=q_document_ids_BL, kv_document_ids_BL=kv_document_ids_BL)
-
-
-def make_attention_masks(config: AttentionConfig, positions_BL: torch.Tensor | None):
-    """The mask for ``config.backend``, from the same registry entry that builds the module."""
-    from dtensor_attn.backends import REGISTRY
-
-    if not isinstance(config, AttentionConfig):
-        raise TypeError(
-            f"make_attention_masks: config must be an AttentionConfig, got {describe(config)}. "
-            f"Fix: make_attention_masks(AttentionConfig(backend='flex'), positions_BL), with the "
-            f"config that built the module."
-        )
-    if positions_BL is not None:
-        _check_positions(positions_BL)
-    return REGISTRY[config.backend].make_masks(config, positions_BL)
 
 
 def check_mask_shapes(

@@ -14,6 +14,7 @@ collective, and every backend raises the same error for the same mistake.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import ClassVar
 
@@ -21,10 +22,17 @@ import torch
 from torch import nn
 
 from dtensor_attn import _compat
-from dtensor_attn.backends.math_kernel import allowed_mask
-from dtensor_attn.config import AttentionConfig, Backend, CPStrategy, Kernel
+from dtensor_attn.config import AttentionConfig, Backend, Kernel
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.masks import DocumentMask, check_mask_shapes, describe
+from dtensor_attn.visibility import Visibility
+
+
+class CPStrategy(enum.Enum):
+    """How torch's ``_ContextParallel`` hooks run a backend (dtensor_attn.context_parallel)."""
+
+    RING = "ring"  # torch's SDPA attention type: k/v rotate between ranks (CUDA only)
+    ALL_GATHER = "all_gather"  # torch's FLEX attention type: a k/v all-gather, any kernel
 
 
 class InnerAttention(nn.Module):
@@ -71,6 +79,28 @@ class InnerAttention(nn.Module):
             )
         return cls.mask_type.from_positions(positions_BL)
 
+    @property
+    def is_causal(self) -> bool:
+        return self.config.is_causal
+
+    def _visibility(self, mask, visibility: Visibility | None) -> Visibility:
+        """What the queries may see: the module's causality and ``mask`` on an unsharded sequence,
+        or the ``visibility`` a context-parallel path built (which then carries the mask)."""
+        if visibility is None:
+            return Visibility(self.config.is_causal, mask)
+        if mask is not None:
+            raise ValueError(
+                f"{type(self).__name__}: got a mask and a visibility; the visibility carries the mask. "
+                f"Fix: pass Visibility(..., mask=mask) alone."
+            )
+        if not isinstance(visibility, Visibility) or visibility.is_causal != self.config.is_causal:
+            raise ValueError(
+                f"{type(self).__name__}: visibility must be a Visibility with is_causal="
+                f"{self.config.is_causal} (this module's), got {visibility!r}. Fix: "
+                f"Visibility(module.is_causal, mask, q_seq_index_L, kv_seq_index_L)."
+            )
+        return visibility
+
     def _check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> None:
         """The mask's kind, q/k/v in ``in_layout``, and the mask's ids against q/k's (batch, seq)."""
         layout, name = self.in_layout, type(self).__name__
@@ -103,17 +133,6 @@ class InnerAttention(nn.Module):
         suffix = "" if self.uses_native_kernel(device) else "[math]"
         return f"{self.backend}{suffix}"
 
-    def allowed(self, num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device):
-        return allowed_mask(
-            is_causal=self.config.is_causal,
-            num_q=num_q,
-            num_kv=num_kv,
-            mask=mask,
-            q_seq_index_L=q_seq_index_L,
-            kv_seq_index_L=kv_seq_index_L,
-            device=device,
-        )
-
     def extra_repr(self) -> str:
         c = self.config
         return (
@@ -126,23 +145,24 @@ class InnerAttention(nn.Module):
 class BNLHKernelAttention(InnerAttention):
     """An inner attention whose kernel takes (B, N, L, H) (sdpa, flex): the layout change is the
     transpose here, at the kernel call, and back; both are views. Subclasses implement
-    ``_kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L) -> (out_BNLH, lse_BNL)``."""
+    ``_kernel(q_BNLH, k_BNLH, v_BNLH, visibility) -> (out_BNLH, lse_BNL)``."""
 
     @property
     def lse_layout(self) -> Layout | None:
         return Layout.BNL if self.config.return_lse else None
 
-    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
-        self._check_inputs(q, k, v, mask)
+    def forward(self, q, k, v, mask=None, *, visibility: Visibility | None = None):
+        visibility = self._visibility(mask, visibility)
+        self._check_inputs(q, k, v, visibility.mask)
         legacy = self.in_layout is Layout.BNLH
         q_BNLH = q if legacy else q.transpose(1, 2)
         k_BNLH = k if legacy else k.transpose(1, 2)
         v_BNLH = v if legacy else v.transpose(1, 2)
-        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L)
+        out_BNLH, lse_BNL = self._kernel(q_BNLH, k_BNLH, v_BNLH, visibility)
         out = out_BNLH if legacy else out_BNLH.transpose(1, 2)
         return (out, lse_BNL) if self.config.return_lse else out
 
-    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, visibility: Visibility):
         raise NotImplementedError
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from dtensor_attn import _compat
-from dtensor_attn.backends.base import BNLHKernelAttention, in_simulation
+from dtensor_attn.backends.base import BNLHKernelAttention, CPStrategy, in_simulation
 from dtensor_attn.backends.math_kernel import math_attention
-from dtensor_attn.config import Backend, CPStrategy, Kernel
+from dtensor_attn.config import Backend, Kernel
 from dtensor_attn.masks import DocumentMask
 
 
@@ -40,21 +40,21 @@ class FlexAttention(BNLHKernelAttention):
         # Eager CPU flex runs forward only: use it only when asked for explicitly.
         return device.type == "cuda" or self.config.kernel is Kernel.NATIVE
 
-    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, visibility):
         cfg = self.config
         scale = self.scale_for(q_BNLH.shape[-1])
         device = q_BNLH.device
         num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]
         if not self.uses_native_kernel(device):
-            allowed_BLL = self.allowed(num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+            allowed_BLL = visibility.dense_mask(num_q, num_kv, device)
             return math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
-        if mask is None and q_seq_index_L is None and kv_seq_index_L is None:
+        if visibility.mask is None and not visibility.sharded:
             key = (num_q, num_kv, device)
             block_mask = self._causal_block_masks.get(key)
             if block_mask is None:
-                block_mask = self._causal_block_masks[key] = self._block_mask(1, num_q, num_kv, None, None, None, device)
+                block_mask = self._causal_block_masks[key] = self._block_mask(1, num_q, num_kv, visibility, device)
         else:
-            block_mask = self._block_mask(q_BNLH.shape[0], num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+            block_mask = self._block_mask(q_BNLH.shape[0], num_q, num_kv, visibility, device)
         out_BNLH, lse_BNL = _compat.flex_attention_with_lse(
             self._flex_fn(device),
             q_BNLH,
@@ -75,24 +75,11 @@ class FlexAttention(BNLHKernelAttention):
             self._compiled_flex = torch.compile(flex_attention, dynamic=False)
         return self._compiled_flex
 
-    def _block_mask(self, batch, num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device):
+    def _block_mask(self, batch, num_q, num_kv, visibility, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        is_causal = self.config.is_causal
-        if is_causal and q_seq_index_L is None:
-            q_seq_index_L = torch.arange(num_q, device=device)
-        if is_causal and kv_seq_index_L is None:
-            kv_seq_index_L = torch.arange(num_kv, device=device)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            ok = torch.ones((), dtype=torch.bool, device=device)
-            if is_causal:
-                ok = kv_seq_index_L[kv_idx] <= q_seq_index_L[q_idx]
-            if mask is not None:
-                ok = ok & (mask.q_document_ids_BL[b, q_idx] == mask.kv_document_ids_BL[b, kv_idx])
-            return ok
-
-        if not is_causal and mask is None:
+        mask_mod = visibility.mask_mod(num_q, num_kv, device)
+        if mask_mod is None:
             return None
-        mask_batch = batch if mask is not None else None
+        mask_batch = batch if visibility.mask is not None else None
         return create_block_mask(mask_mod, mask_batch, None, num_q, num_kv, device=device)

@@ -11,35 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from dtensor_attn.masks import DocumentMask
-
-
-def allowed_mask(
-    *,
-    is_causal: bool,
-    num_q: int,
-    num_kv: int,
-    mask: DocumentMask | None,
-    q_seq_index_L: torch.Tensor | None,
-    kv_seq_index_L: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Which keys each query may see: (1 or B, Lq, Lk) bool, or None for all.
-
-    Causality compares global sequence indices, so a query chunk of a context-parallel rank
-    sees exactly the keys it would see unsharded.
-    """
-    allowed_BLL = None
-    if is_causal:
-        if q_seq_index_L is None:
-            q_seq_index_L = torch.arange(num_q, device=device)
-        if kv_seq_index_L is None:
-            kv_seq_index_L = torch.arange(num_kv, device=device)
-        allowed_BLL = (kv_seq_index_L[None, :] <= q_seq_index_L[:, None])[None]
-    if mask is not None:
-        same_doc_BLL = mask.q_document_ids_BL[:, :, None] == mask.kv_document_ids_BL[:, None, :]
-        allowed_BLL = same_doc_BLL if allowed_BLL is None else allowed_BLL & same_doc_BLL
-    return allowed_BLL
 
 
 def expand_kv_heads(kv_BNLH: torch.Tensor, num_q_heads: int, *, enable_gqa: bool, heads_dim: int = 1):

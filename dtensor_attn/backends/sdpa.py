@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtensor_attn.backends.base import BNLHKernelAttention
+from dtensor_attn.backends.base import BNLHKernelAttention, CPStrategy
 from dtensor_attn.backends.math_kernel import math_attention
-from dtensor_attn.config import Backend, CPStrategy
+from dtensor_attn.config import Backend
 
 
 class SDPAAttention(BNLHKernelAttention):
@@ -39,17 +39,17 @@ class SDPAAttention(BNLHKernelAttention):
     def native_kernel_available(self, device: torch.device) -> bool:
         return True
 
-    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, mask, q_seq_index_L, kv_seq_index_L):
+    def _kernel(self, q_BNLH, k_BNLH, v_BNLH, visibility):
         # mask is always None here: _check_inputs refuses every mask for sdpa.
         cfg = self.config
         scale = self.scale_for(q_BNLH.shape[-1])
         num_q, num_kv = q_BNLH.shape[2], k_BNLH.shape[2]
         # Plain causal on an unsharded sequence keeps sdpa's flash path (no mask tensor).
-        plain_causal = q_seq_index_L is None and kv_seq_index_L is None and num_q == num_kv
+        plain_causal = not visibility.sharded and num_q == num_kv
         native = self.uses_native_kernel(q_BNLH.device)
         allowed_BLL = None
         if not native or cfg.return_lse or (cfg.is_causal and not plain_causal):
-            allowed_BLL = self.allowed(num_q, num_kv, None, q_seq_index_L, kv_seq_index_L, q_BNLH.device)
+            allowed_BLL = visibility.dense_mask(num_q, num_kv, q_BNLH.device)
         if not native:
             return math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=cfg.enable_gqa)
         gqa = q_BNLH.shape[1] != k_BNLH.shape[1]

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 
 from dtensor_attn import _compat
-from dtensor_attn.backends.base import InnerAttention, in_simulation
+from dtensor_attn.backends.base import CPStrategy, InnerAttention, in_simulation
 from dtensor_attn.backends.math_kernel import expand_kv_heads, math_attention
 from dtensor_attn.backends.varlen_lse_grad import VarlenWithLseGrad, lse_tokens_heads
 from dtensor_attn.backends.varlen_segments import pack_segments
-from dtensor_attn.config import Backend, CPStrategy
+from dtensor_attn.config import Backend
 from dtensor_attn.layout import Layout
 from dtensor_attn.masks import DocumentMask
+from dtensor_attn.visibility import Visibility
 
 
 class VarlenDocumentMask(DocumentMask):
@@ -56,8 +57,9 @@ class VarlenAttention(InnerAttention):
             and self._varlen_ops is not None
         )
 
-    def forward(self, q, k, v, mask=None, *, q_seq_index_L=None, kv_seq_index_L=None):
-        self._check_inputs(q, k, v, mask)
+    def forward(self, q, k, v, mask=None, *, visibility: Visibility | None = None):
+        visibility = self._visibility(mask, visibility)
+        self._check_inputs(q, k, v, visibility.mask)
         if self.in_layout is Layout.BNLH:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         batch, num_q, num_q_heads, head_dim = q.shape
@@ -66,7 +68,7 @@ class VarlenAttention(InnerAttention):
         q_TNH = q.reshape(batch * num_q, num_q_heads, head_dim)
         k_TNH = k.reshape(batch * num_kv, num_kv_heads, head_dim)
         v_TNH = v.reshape(batch * num_kv, num_kv_heads, head_dim)
-        out_TNH, lse_TN = self._kernel(q_TNH, k_TNH, v_TNH, batch, mask, q_seq_index_L, kv_seq_index_L)
+        out_TNH, lse_TN = self._kernel(q_TNH, k_TNH, v_TNH, batch, visibility)
         if self.out_layout is Layout.TNH:
             out, lse = out_TNH, lse_TN
         else:
@@ -77,13 +79,13 @@ class VarlenAttention(InnerAttention):
                 lse = None if lse is None else lse.transpose(1, 2)
         return (out, lse) if self.config.return_lse else out
 
-    def _kernel(self, q_TNH, k_TNH, v_TNH, batch, mask, q_seq_index_L, kv_seq_index_L):
+    def _kernel(self, q_TNH, k_TNH, v_TNH, batch, visibility):
         cfg = self.config
         scale = self.scale_for(q_TNH.shape[-1])
         device = q_TNH.device
         num_q, num_kv = q_TNH.shape[0] // batch, k_TNH.shape[0] // batch
         if not self.uses_native_kernel(device):
-            allowed_BLL = self.allowed(num_q, num_kv, mask, q_seq_index_L, kv_seq_index_L, device)
+            allowed_BLL = visibility.dense_mask(num_q, num_kv, device)
             out_BNLH, lse_BNL = math_attention(
                 q_TNH.view(batch, num_q, *q_TNH.shape[1:]).transpose(1, 2),
                 k_TNH.view(batch, num_kv, *k_TNH.shape[1:]).transpose(1, 2),
@@ -94,18 +96,12 @@ class VarlenAttention(InnerAttention):
             )
             out_TNH = out_BNLH.transpose(1, 2).reshape(q_TNH.shape)
             return out_TNH, lse_BNL.transpose(1, 2).reshape(q_TNH.shape[:2])
-        return self._native(q_TNH, k_TNH, v_TNH, batch, mask, q_seq_index_L, kv_seq_index_L, scale)
+        return self._native(q_TNH, k_TNH, v_TNH, batch, visibility, scale)
 
-    def _native(self, q_TNH, k_TNH, v_TNH, batch, mask, q_seq_index_L, kv_seq_index_L, scale):
+    def _native(self, q_TNH, k_TNH, v_TNH, batch, visibility, scale):
         cfg = self.config
         segments = pack_segments(
-            batch=batch,
-            num_q=q_TNH.shape[0] // batch,
-            num_kv=k_TNH.shape[0] // batch,
-            is_causal=cfg.is_causal,
-            mask=mask,
-            q_seq_index_L=q_seq_index_L,
-            kv_seq_index_L=kv_seq_index_L,
+            visibility, batch=batch, num_q=q_TNH.shape[0] // batch, num_kv=k_TNH.shape[0] // batch,
             device=q_TNH.device,
         )
         if segments.kv_token_index_T is not None:

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from dtensor_attn.masks import DocumentMask
+from dtensor_attn.visibility import Visibility
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,18 +29,10 @@ class Segments:
     kv_token_index_T: torch.Tensor | None  # None: k/v are packed as they are
 
 
-def pack_segments(
-    *,
-    batch: int,
-    num_q: int,
-    num_kv: int,
-    is_causal: bool,
-    mask: DocumentMask | None,
-    q_seq_index_L: torch.Tensor | None,
-    kv_seq_index_L: torch.Tensor | None,
-    device: torch.device,
-) -> Segments:
-    unsharded = q_seq_index_L is None and kv_seq_index_L is None and num_q == num_kv
+def pack_segments(visibility: Visibility, *, batch: int, num_q: int, num_kv: int, device: torch.device) -> Segments:
+    """varlen's sequences for ``visibility`` on a batch of ``num_q`` queries and ``num_kv`` keys per row."""
+    mask = visibility.mask
+    unsharded = not visibility.sharded and num_q == num_kv
     if unsharded and mask is None:
         cu_T = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * num_q
         return Segments(cu_T, cu_T, num_q, num_q, None)
@@ -48,7 +40,7 @@ def pack_segments(
         cu_T = _document_boundaries(mask.q_document_ids_BL)
         max_len = int((cu_T[1:] - cu_T[:-1]).max().item())
         return Segments(cu_T, cu_T, max_len, max_len, None)
-    return _gathered_segments(batch, num_q, num_kv, is_causal, mask, q_seq_index_L, kv_seq_index_L, device)
+    return _gathered_segments(batch, num_q, num_kv, visibility, device)
 
 
 def _document_boundaries(document_ids_BL: torch.Tensor) -> torch.Tensor:
@@ -63,9 +55,10 @@ def _document_boundaries(document_ids_BL: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def _gathered_segments(batch, num_q, num_kv, is_causal, mask, q_seq_index_L, kv_seq_index_L, device):
-    q_index = list(range(num_q)) if q_seq_index_L is None else q_seq_index_L.tolist()
-    kv_index = list(range(num_kv)) if kv_seq_index_L is None else kv_seq_index_L.tolist()
+def _gathered_segments(batch, num_q, num_kv, visibility: Visibility, device):
+    is_causal, mask = visibility.is_causal, visibility.mask
+    q_index_L, kv_index_L = visibility.seq_indices(num_q, num_kv, device)
+    q_index, kv_index = q_index_L.tolist(), kv_index_L.tolist()
     q_docs = [[0] * num_q] * batch if mask is None else mask.q_document_ids_BL.tolist()
     kv_docs = [[0] * num_kv] * batch if mask is None else mask.kv_document_ids_BL.tolist()
     q_lens, kv_tokens, kv_lens = [], [], []

@@ -21,7 +21,7 @@ from torch import nn
 
 from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
-from dtensor_attn.masks import make_attention_masks
+from dtensor_attn.backends import make_attention_masks
 
 OUTPUT_LAYOUTS = (Layout.BLNH, Layout.TNH)
 

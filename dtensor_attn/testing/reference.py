@@ -17,10 +17,11 @@ import math
 import torch
 
 from dtensor_attn._compat import maybe_disable_local_tensor_mode
-from dtensor_attn.backends.math_kernel import allowed_mask, math_attention
+from dtensor_attn.backends.math_kernel import math_attention
 from dtensor_attn.layout import Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask, permute_seq, seq_permutation
 from dtensor_attn.masks import DocumentMask
+from dtensor_attn.visibility import Visibility
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,6 +128,10 @@ class CPRankView:
     q_seq_index_L: torch.Tensor | None
     kv_seq_index_L: torch.Tensor | None
 
+    def visibility(self, is_causal: bool) -> Visibility:
+        """What this rank's queries may see, as the CP paths hand it to the inner attention."""
+        return Visibility(is_causal, self.mask, self.q_seq_index_L, self.kv_seq_index_L)
+
 
 def cp_rank_view(
     inputs: AttentionInputs, mask: DocumentMask | None, *, cp_degree: int, rank: int, order: SeqOrder
@@ -160,10 +165,7 @@ def reference_attention(
     if use_documents and inputs.positions_BL is not None:
         mask = DocumentMask.from_positions(inputs.positions_BL)
     seq = q_BNLH.shape[2]
-    allowed_BLL = allowed_mask(
-        is_causal=is_causal, num_q=seq, num_kv=seq, mask=mask,
-        q_seq_index_L=None, kv_seq_index_L=None, device=q_BNLH.device,
-    )
+    allowed_BLL = Visibility(is_causal, mask).dense_mask(seq, seq, q_BNLH.device)
     scale = scale if scale is not None else 1.0 / math.sqrt(q_BNLH.shape[-1])
     out_BNLH, lse_BNL = math_attention(q_BNLH, k_BNLH, v_BNLH, allowed_BLL, scale=scale, enable_gqa=True)
     return out_BNLH.transpose(1, 2), lse_BNL.transpose(1, 2)

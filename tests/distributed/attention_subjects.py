@@ -26,6 +26,7 @@ from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, infer_out_p
 from dtensor_attn.backends import SDPAAttention
 from dtensor_attn.config import Backend
 from dtensor_attn.masks import DocumentMask
+from dtensor_attn.visibility import Visibility
 
 BLNH = Layout.BLNH
 
@@ -84,7 +85,7 @@ class TinyAttention(nn.Module):
         )
 
     def kernel(self, q, k, v, q_index_L, kv_index_L):
-        return self.inner(q, k, v, None, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L)
+        return self.inner(q, k, v, visibility=Visibility(self.inner.is_causal, None, q_index_L, kv_index_L))
 
 
 class CopiedOutputPlacements(TinyAttention):
@@ -160,8 +161,10 @@ class FirstCallCache(TinyAttention):
 class _SDPASwallowingMasks(SDPAAttention):
     mask_type = DocumentMask  # accepts any document mask, as a kernel taking **kwargs does
 
-    def forward(self, q, k, v, mask=None, **kwargs):
-        return super().forward(q, k, v, None, **kwargs)  # the mask vanishes here
+    def forward(self, q, k, v, mask=None, *, visibility=None):
+        if visibility is not None:
+            visibility = visibility.with_mask(None)  # the mask vanishes here
+        return super().forward(q, k, v, None, visibility=visibility)
 
 
 def configured_flex_built_sdpa(config: AttentionConfig) -> LocalMapAttention:
@@ -198,4 +201,4 @@ class ForgetsCPOffset(TinyAttention):
     whose chunk starts at 0: a test that checks rank 0 alone passes."""
 
     def kernel(self, q, k, v, q_index_L, kv_index_L):
-        return self.inner(q, k, v, None, q_seq_index_L=None, kv_seq_index_L=kv_index_L)
+        return self.inner(q, k, v, visibility=Visibility(self.inner.is_causal, None, None, kv_index_L))

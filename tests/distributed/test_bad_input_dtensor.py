@@ -138,6 +138,7 @@ class _DeclaredKernel(torch.nn.Module):
     """An inner attention that declares BLNH out (and optionally an LSE) and returns ``result(out)``."""
 
     in_layout = out_layout = Layout.BLNH
+    is_causal = True
 
     def __init__(self, result, lse_layout=None):
         super().__init__()

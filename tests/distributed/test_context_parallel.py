@@ -164,7 +164,7 @@ def _run_hooks(mesh, config, qkv, mask, lb):
     DTensor on the tp axis; the hooks do the CP. Results are relabelled on the full mesh."""
     placements = seq_heads_placements(mesh)
     inner = config.build()
-    apply_context_parallel(inner, mesh["cp"], load_balance=lb)
+    apply_context_parallel(inner, mesh["cp"], seq_order=SeqOrder.HEAD_TAIL if lb else SeqOrder.CONTIGUOUS)
     locals_ = [distribute_tensor(t, mesh, placements).to_local() for t in qkv]
     if "tp" in mesh.mesh_dim_names:
         tp_mesh = mesh["tp"]
@@ -390,8 +390,10 @@ def test_each_rank_kernel_gets_its_cp_rank_view(mesh, mesh_name, order):
     seen = {}
 
     def record(module, args, kwargs):
-        seen.update(q=args[0], k=args[1], q_ids=args[3].q_document_ids_BL, kv_ids=args[3].kv_document_ids_BL,
-                    q_index=kwargs["q_seq_index_L"], kv_index=kwargs["kv_seq_index_L"])
+        visibility = kwargs["visibility"]
+        seen.update(q=args[0], k=args[1], q_ids=visibility.mask.q_document_ids_BL,
+                    kv_ids=visibility.mask.kv_document_ids_BL, q_index=visibility.q_seq_index_L,
+                    kv_index=visibility.kv_seq_index_L)
 
     inner = config.build()
     inner.register_forward_pre_hook(record, with_kwargs=True)

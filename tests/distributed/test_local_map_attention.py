@@ -166,6 +166,7 @@ class _LyingKernel(torch.nn.Module):
     in_layout = Layout.BLNH
     out_layout = Layout.BLNH
     lse_layout = None
+    is_causal = True
 
     def __init__(self):
         super().__init__()

@@ -108,7 +108,7 @@ CASES = [
     Case("kernel-native-unavailable", lambda: _run("varlen", *_qkv(), kernel=Kernel.NATIVE), RuntimeError,
          r"VarlenAttention: Kernel\.NATIVE asked for, but torch has no varlen kernel for cpu" + FIX + r"Kernel\.AUTO or Kernel\.MATH"),
     Case("wrapper-inner-without-layouts", lambda: LocalMapAttention(torch.nn.Linear(2, 2)), TypeError,
-         r"LocalMapAttention needs an inner attention that declares in_layout, out_layout and lse_layout; Linear has no in_layout" + FIX),
+         r"LocalMapAttention needs an inner attention that follows InnerAttentionProtocol \(declares in_layout, out_layout, lse_layout, is_causal and takes visibility=\); Linear lacks in_layout, out_layout, lse_layout, is_causal, forward" + FIX),
     Case("wrapper-seq-order-string", lambda: LocalMapAttention(AttentionConfig(backend="sdpa").build(), seq_order="head_tail"), ValueError,
          r"LocalMapAttention\(sdpa\): seq_order must be SeqOrder\.CONTIGUOUS or SeqOrder\.HEAD_TAIL, got 'head_tail'" + FIX + r"SeqOrder\.HEAD_TAIL"),
     # -- make_attention_masks ----------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dtensor_attn import _compat
 from dtensor_attn.backends import REGISTRY
-from dtensor_attn.config import CPStrategy
+from dtensor_attn.backends.base import CPStrategy
 from dtensor_attn.context_parallel import apply_context_parallel, expected_boundary
 from dtensor_attn.layout import Layout
 from dtensor_attn.testing import assert_golden_inline, format_table

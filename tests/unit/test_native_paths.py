@@ -40,6 +40,7 @@ from dtensor_attn.backends.varlen_segments import pack_segments
 from dtensor_attn.load_balance import SeqOrder, global_seq_index, permute_mask
 from dtensor_attn.testing.flash_stand_in import flash_varlen_on_cpu
 from dtensor_attn.testing.reference import cp_rank_view, make_inputs
+from dtensor_attn.visibility import Visibility
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
@@ -66,12 +67,12 @@ def _weights(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def run_varlen(config, q, k, v, mask, *, dtype, q_index_L=None, kv_index_L=None, lse_only=False, out_scale=1.0):
+def run_varlen(config, q, k, v, visibility, *, dtype, lse_only=False, out_scale=1.0):
     """Output, LSE and q/k/v gradients of ``config``'s module on ``dtype`` copies of q/k/v, with
     a loss that weighs the output (by ``out_scale`` too: a tensor zeroes some rows) and the LSE
     (or the LSE alone)."""
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = config.build()(*leaves, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L)
+    out, lse = config.build()(*leaves, visibility=visibility)
     loss = (lse * _weights(lse.shape, 2).to(lse.dtype)).sum()
     if not lse_only:
         loss = loss + (out * (_weights(out.shape, 1) * out_scale).to(out.dtype)).sum()
@@ -81,11 +82,11 @@ def run_varlen(config, q, k, v, mask, *, dtype, q_index_L=None, kv_index_L=None,
 
 
 def rank_view(inputs, config, *, cp: int, rank: int, order: SeqOrder, documents: bool):
-    """(q, k, v, mask, q_seq_index_L, kv_seq_index_L) as CP rank ``rank`` hands them to the
+    """(q, k, v, visibility) as CP rank ``rank`` hands them to the
     kernel (``cp_rank_view``, which LocalMapAttention is checked to hand over exactly)."""
     mask = make_attention_masks(config, inputs.positions_BL) if documents else None
     view = cp_rank_view(inputs, mask, cp_degree=cp, rank=rank, order=order)
-    return view.q_BLNH, view.k_BLNH, view.v_BLNH, view.mask, view.q_seq_index_L, view.kv_seq_index_L
+    return view.q_BLNH, view.k_BLNH, view.v_BLNH, view.visibility(config.is_causal)
 
 
 def _cases():
@@ -112,9 +113,9 @@ def test_varlen_native_path_equals_math_kernel(native_varlen, out_layout, cp, ra
     for kernel, dtype in ((Kernel.AUTO, torch.bfloat16), (Kernel.MATH, torch.float64)):
         config = AttentionConfig(backend="varlen", is_causal=causal, enable_gqa=gqa, return_lse=True,
                                  varlen_output=out_layout, kernel=kernel)
-        q, k, v, mask, q_index_L, kv_index_L = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
+        q, k, v, visibility = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
         q, k, v = (t.to(torch.bfloat16).double() for t in (q, k, v))  # both from the same rounded values
-        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, q_index_L=q_index_L, kv_index_L=kv_index_L))
+        results.append(run_varlen(config, q, k, v, visibility, dtype=dtype))
         assert config.build().uses_native_kernel(q.device) is (kernel is Kernel.AUTO)
     for name, native, math_ in zip(("out", "lse", "grad q", "grad k", "grad v"), *results):
         assert native.shape == math_.shape, (name, native.shape, math_.shape)
@@ -132,7 +133,7 @@ def test_varlen_lse_alone_carries_the_gradient(native_varlen, documents):
         config = AttentionConfig(backend="varlen", enable_gqa=True, return_lse=True, kernel=kernel)
         mask = make_attention_masks(config, inputs.positions_BL)
         q, k, v = (t.to(torch.bfloat16).double() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
-        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, lse_only=True))
+        results.append(run_varlen(config, q, k, v, Visibility(True, mask), dtype=dtype, lse_only=True))
     for name, native, math_ in list(zip(("out", "lse", "grad q", "grad k", "grad v"), *results))[1:]:
         torch.testing.assert_close(native, math_, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
     assert float(results[1][2].abs().max()) > 0.1  # the LSE does move q: the check can fail
@@ -151,7 +152,7 @@ def test_varlen_lse_gradient_with_tiny_or_huge_output_gradients(native_varlen, o
         config = AttentionConfig(backend="varlen", enable_gqa=True, return_lse=True, kernel=kernel)
         q, k, v = (t.to(torch.bfloat16).double() for t in (inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH))
         mask = make_attention_masks(config, inputs.positions_BL)
-        results.append(run_varlen(config, q, k, v, mask, dtype=dtype, out_scale=rows_BL11))
+        results.append(run_varlen(config, q, k, v, Visibility(True, mask), dtype=dtype, out_scale=rows_BL11))
     for name, native, math_ in list(zip(("out", "lse", "grad q", "grad k", "grad v"), *results))[2:]:
         scale = float(math_.abs().max())
         torch.testing.assert_close(native / scale, math_ / scale, **BF16_TOL, msg=lambda m, name=name: f"{name}: {m}")
@@ -179,9 +180,9 @@ def test_flex_native_path_equals_math_kernel(cp, rank, order, documents, causal,
     results = []
     for kernel in (Kernel.NATIVE, Kernel.MATH):
         config = AttentionConfig(backend="flex", is_causal=causal, enable_gqa=gqa, return_lse=True, kernel=kernel)
-        q, k, v, mask, q_index_L, kv_index_L = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
+        q, k, v, visibility = rank_view(inputs, config, cp=cp, rank=rank, order=order, documents=documents)
         with torch.no_grad():
-            results.append(config.build()(q, k, v, mask, q_seq_index_L=q_index_L, kv_seq_index_L=kv_index_L))
+            results.append(config.build()(q, k, v, visibility=visibility))
     for name, native, math_ in zip(("out", "lse"), *results):
         torch.testing.assert_close(native, math_, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -220,11 +221,9 @@ def test_segments_of_a_cp_rank_with_documents():
     index_L = global_seq_index(SeqOrder.HEAD_TAIL, 8, 2)
     assert index_L.tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
     mask = permute_mask(make_attention_masks(config, positions_BL), index_L)
-    segments = pack_segments(
-        batch=1, num_q=4, num_kv=8, is_causal=True,
-        mask=mask.with_tensors(mask.q_document_ids_BL[:, 4:], mask.kv_document_ids_BL),
-        q_seq_index_L=index_L[4:], kv_seq_index_L=index_L, device=torch.device("cpu"),
-    )
+    rank1_mask = mask.with_tensors(mask.q_document_ids_BL[:, 4:], mask.kv_document_ids_BL)
+    visibility = Visibility(True, rank1_mask, q_seq_index_L=index_L[4:], kv_seq_index_L=index_L)
+    segments = pack_segments(visibility, batch=1, num_q=4, num_kv=8, device=torch.device("cpu"))
     assert segments.cu_seq_q.tolist() == [0, 3, 4]
     assert segments.cu_seq_kv.tolist() == [0, 5, 6]
     assert (segments.max_q, segments.max_kv) == (3, 5)
