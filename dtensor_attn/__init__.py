@@ -6,7 +6,8 @@ from dtensor_attn.context_parallel import ContextParallelError, apply_context_pa
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.load_balance import SeqOrder
-from dtensor_attn.local_map_attention import AttentionPlacements, LocalMapAttention
+from dtensor_attn.boundary import AttentionPlacements, infer_attention_placements
+from dtensor_attn.local_map_attention import LocalMapAttention
 from dtensor_attn.placements import infer_out_placements
 from dtensor_attn.protocol import InnerAttentionProtocol
 from dtensor_attn.visibility import Visibility
@@ -25,6 +26,7 @@ __all__ = [
     "SeqOrder",
     "Visibility",
     "apply_context_parallel",
+    "infer_attention_placements",
     "infer_out_placements",
     "make_attention_masks",
 ]
