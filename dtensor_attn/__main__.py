@@ -1,15 +1,19 @@
 """Command line: ``python -m dtensor_attn <command> ...``.
 
+    python -m dtensor_attn explain "ValueError: use_strided_shard_as_shard_order is True, ..."
+    python -m dtensor_attn explain - < traceback.txt
     python -m dtensor_attn explain "_S(1, 8)" --mesh 8 --shape 8,256
     python -m dtensor_attn explain "(_S(0, 4), S(1))" --mesh cp=2,tp=4 --shape 32,8,64
 
 Each command is one entry of ``COMMANDS``: a help line, a function that adds its arguments, and
-a function that runs it and returns the exit code. Bad input is one line on stderr, exit code 2.
+a function that runs it and returns the exit code. Bad input is one line on stderr, exit code 2;
+no input shows a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,16 +29,25 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "placements",
         help="placements as torch prints them: '_S(1, 8)', '(S(1), R)', "
-        "'(_StridedShard(dim=1, sf=8),)', or the whole error message",
+        "'(_StridedShard(dim=1, sf=8),)', or torch's error message (a line or a whole "
+        "traceback); '-' reads it from standard input",
     )
-    parser.add_argument("--mesh", required=True, help="mesh shape: 8, 2,4, 2x4 or cp=2,tp=4")
-    parser.add_argument("--shape", required=True, help="global tensor shape: 8,256 or 8x256")
+    parser.add_argument("--mesh", help="mesh shape: 8, 2,4, 2x4 or cp=2,tp=4 (default: the message's, if any)")
+    parser.add_argument("--shape", help="global tensor shape: 8,256 or 8x256 (default: the message's, if any)")
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from dtensor_attn.explain import explain_placements
+    from dtensor_attn.explain.answer import answer
 
-    print(explain_placements(args.placements, args.mesh, args.shape).render())
+    text = sys.stdin.read() if args.placements == "-" else args.placements
+    try:
+        explained = answer(text, args.mesh, args.shape)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no input may show a traceback: one line, ours
+        detail = " ".join(str(exc).split())[:200]
+        return _fail(f"internal error on this input ({type(exc).__name__}: {detail}); please report it")
+    print(explained)
     return 0
 
 
@@ -43,8 +56,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dtensor_attn.report import run_report
+    from dtensor_attn.report import check_out_dir, run_report
 
+    check_out_dir(args.out)  # before the matrix runs (tens of seconds), not after
     report = run_report(args.out)
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts.items()))
     print(f"{counts}; wrote {report.markdown} and {report.html}")
@@ -53,7 +67,8 @@ def _report(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "explain": Command(
-        "which global indices each rank holds, and why a _StridedShard does not decode",
+        "explain placements or a pasted torch error: what they mean, whether they decode, the "
+        "rank table, the likely causes and their fixes",
         _explain_arguments,
         _explain,
     ),
@@ -94,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ValueError as exc:  # PlacementError included: the message says expected/actual/fix
         return _fail(" ".join(str(exc).split()))
+    except BrokenPipeError:  # `... | head` closed the pipe: nothing left to say, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented way
+        return 0
 
 
 if __name__ == "__main__":

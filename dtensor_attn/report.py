@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -44,6 +45,27 @@ class Report:
     def exit_code(self) -> int:
         """0 if no case failed (skips included: their reasons are in the report), else 1."""
         return 1 if self.counts.get("fail", 0) else 0
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` and prove it writable, before the matrix runs (tens of seconds), so a
+    bad path fails at once. One-line ValueError naming the path, the reason and the fix."""
+    out = Path(out_dir)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        if blocker is not None:
+            raise NotADirectoryError(f"{blocker} is a file, not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = str(error) if blocker is not None else (error.strerror or str(error))
+        raise ValueError(
+            f"--out {out}: cannot write the report there: {reason}. Fix: pass a directory you "
+            "can create and write, e.g. --out ./conformance-report"
+        ) from None
+    return out
 
 
 def run_report(out_dir: str | Path, **options) -> Report:

@@ -93,6 +93,14 @@ def _int(value: str | None, what: str, item: str) -> int:
         raise ValueError(f"{item!r}: expected an integer {what}, got {value!r}") from None
 
 
+def _placement_int(value: str | None, what: str, item: str) -> int:
+    """A dim or split factor: torch needs it to fit int64, and past 2**31 it is a typo anyway."""
+    number = _int(value, what, item)
+    if not -(2**31) <= number < 2**31:
+        raise ValueError(f"{item.strip()!r}: the {what} {number} is out of range: expected below 2**31")
+    return number
+
+
 def parse_placement(text: str) -> Placement:
     """One placement in any of torch's printed forms (see the module docstring)."""
     match = _ITEM.match(text)
@@ -112,7 +120,7 @@ def parse_placement(text: str) -> Placement:
     if name in ("s", "shard"):
         if len(positional) + len(named) != 1 or set(named) - {"dim"}:
             raise ValueError(f"{text.strip()!r}: expected Shard(dim), e.g. S(2) or Shard(dim=2)")
-        return Shard(_int(named.get("dim", positional[0] if positional else None), "dim", text))
+        return Shard(_placement_int(named.get("dim", positional[0] if positional else None), "dim", text))
     if name in ("_s", "_stridedshard", "stridedshard", "ss", "_ss"):
         dim = named.get("dim", positional[0] if positional else None)
         rest = positional[1:] if "dim" not in named else positional
@@ -122,10 +130,10 @@ def parse_placement(text: str) -> Placement:
                 f"{text.strip()!r}: expected _S(dim, split_factor), e.g. _S(1, 8) or "
                 "_StridedShard(dim=1, sf=8)"
             )
-        factor_int = _int(factor, "split factor", text)
+        factor_int = _placement_int(factor, "split factor", text)
         if factor_int < 1:
             raise ValueError(f"{text.strip()!r}: the split factor must be >= 1, got {factor_int}")
-        return _compat.strided_shard(_int(dim, "dim", text), factor_int)
+        return _compat.strided_shard(_placement_int(dim, "dim", text), factor_int)
     raise ValueError(f"unknown placement {text.strip()!r}: expected one of {_FORMS}")
 
 

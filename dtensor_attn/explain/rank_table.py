@@ -21,13 +21,14 @@ With ``S(0), S(0)`` instead, ranks 1 and 2 would swap (rows 2-3 and 4-5): left t
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Partial, Placement, Shard, StridedShard
 from dtensor_attn.errors import PlacementError
+from dtensor_attn.explain.bounds import check_sizes, coordinate_of, shown_ranks
 from dtensor_attn.explain.parse import parse_mesh, parse_placements, parse_shape
 from dtensor_attn.explain.strided import (
     SHARD_LIKE,
@@ -41,16 +42,18 @@ from dtensor_attn.explain.strided import (
 from dtensor_attn.placements import format_placements, normalize_placements
 
 Indices = tuple[int, ...]
+Held = Sequence[int]  # a range while only plain shards cut the dim (no per-index work), else a tuple
 
 
-def _chunk(indices: Indices, num_chunks: int, i: int) -> Indices:
+def _chunk(indices: Held, num_chunks: int, i: int) -> Held:
     """The i-th of ``torch.chunk(indices, num_chunks)``, empty where torch.chunk has none."""
     size = -(-len(indices) // num_chunks)
     return indices[min(i * size, len(indices)) : min((i + 1) * size, len(indices))]
 
 
-def _strided_chunk(indices: Indices, split_factor: int, num_chunks: int, i: int) -> Indices:
-    pieces = (_chunk(indices, split_factor, j) for j in range(split_factor))
+def _strided_chunk(indices: Held, split_factor: int, num_chunks: int, i: int) -> Indices:
+    # pieces past len(indices) are empty: a huge split factor costs no more than the dim's size
+    pieces = (_chunk(indices, split_factor, j) for j in range(min(split_factor, len(indices))))
     return tuple(index for piece in pieces for index in _chunk(piece, num_chunks, i))
 
 
@@ -61,10 +64,10 @@ def rank_indices(
     coordinate: Sequence[int],
     *,
     upto_axis: int | None = None,
-) -> tuple[Indices, ...]:
+) -> tuple[Held, ...]:
     """Global indices, per tensor dim, held by the rank at ``coordinate``; with ``upto_axis``,
-    after the axes before it only."""
-    held = [tuple(range(size)) for size in global_shape]
+    after the axes before it only. A dim only plain shards cut is a ``range``."""
+    held: list[Held] = [range(size) for size in global_shape]
     for axis, placement in enumerate(placements[:upto_axis]):
         if isinstance(placement, StridedShard):
             factor = _compat.split_factor(placement)
@@ -82,18 +85,26 @@ class RankShard:
 
     rank: int
     coordinate: tuple[int, ...]
-    indices: tuple[Indices, ...]
+    held: tuple[Held, ...]
+
+    @property
+    def indices(self) -> tuple[Indices, ...]:
+        return tuple(tuple(i) for i in self.held)
 
     @property
     def local_shape(self) -> tuple[int, ...]:
-        return tuple(len(i) for i in self.indices)
+        return tuple(len(i) for i in self.held)
 
 
-def format_indices(indices: Indices, size: int) -> str:
+def format_indices(indices: Held, size: int) -> str:
     """``0-1, 4-5``; ``all``; ``none``; long strided patterns as first, second, ..., last."""
     if not indices:
         return "none"
-    if len(indices) == size and indices == tuple(range(size)):
+    if isinstance(indices, range) and indices.step == 1:  # one run: no need to walk it
+        if len(indices) == size and indices.start == 0:
+            return "all"
+        return f"{indices.start}" if len(indices) == 1 else f"{indices.start}-{indices[-1]}"
+    if len(indices) == size and tuple(indices) == tuple(range(size)):
         return "all"
     runs: list[list[int]] = []
     for index in indices:
@@ -113,7 +124,8 @@ def format_indices(indices: Indices, size: int) -> str:
 
 
 def _columns(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    """Aligned columns; a one-cell row (an elision) spans the table and sets no width."""
+    widths = [max(len(row[i]) for row in rows if len(row) > 1) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
@@ -129,7 +141,6 @@ class PlacementExplanation:
     mesh_shape: tuple[int, ...]
     mesh_names: tuple[str, ...] | None
     global_shape: tuple[int, ...]
-    ranks: tuple[RankShard, ...]
     shard_order: ShardOrder | None
     strided: tuple[StridedNote, ...]
 
@@ -138,15 +149,36 @@ class PlacementExplanation:
         """False where torch 2.11 raises "... unable to be interpreted into a shard_order"."""
         return self.shard_order is not None
 
+    @property
+    def num_ranks(self) -> int:
+        return math.prod(self.mesh_shape)
+
+    def rank(self, rank: int) -> RankShard:
+        """What ``rank`` holds, computed on demand (a table computes only the ranks it prints)."""
+        if not 0 <= rank < self.num_ranks:
+            raise IndexError(f"rank {rank} of a {self.num_ranks}-rank mesh {self.mesh_shape}")
+        coordinate = coordinate_of(rank, self.mesh_shape)
+        held = rank_indices(self.placements, self.mesh_shape, self.global_shape, coordinate)
+        return RankShard(rank, coordinate, held)
+
+    @property
+    def ranks(self) -> tuple[RankShard, ...]:
+        """Every rank, in rank order (costs the whole mesh: for checks, not for printing)."""
+        return tuple(self.rank(r) for r in range(self.num_ranks))
+
     def table(self) -> str:
         header = ["rank", "coord", "local"] + [
             f"dim {d} ({size})" for d, size in enumerate(self.global_shape)
         ]
         rows = [header]
-        for shard in self.ranks:
+        shown = shown_ranks(self.num_ranks)
+        for previous, rank in zip((-1, *shown), shown):
+            if rank != previous + 1:
+                rows.append([f"... {rank - previous - 1} more ranks"])
+            shard = self.rank(rank)
             rows.append(
                 [str(shard.rank), _shape_text(shard.coordinate), _shape_text(shard.local_shape)]
-                + [format_indices(i, s) for i, s in zip(shard.indices, self.global_shape)]
+                + [format_indices(i, s) for i, s in zip(shard.held, self.global_shape)]
             )
         return _columns(rows)
 
@@ -214,7 +246,9 @@ def explain_placements(
     """Explain ``placements`` of a tensor of ``global_shape`` on a mesh of ``mesh_shape``.
 
     Every argument may be a value or text in torch's printed forms (``"_S(1, 8)"``, ``"2,4"``,
-    ``"cp=2,tp=4"``, ``"8,256"``). Raises ValueError (PlacementError) for a mismatch.
+    ``"cp=2,tp=4"``, ``"8,256"``). Raises ValueError (PlacementError) for a mismatch or sizes
+    past ``bounds``' limits. Ranks are computed on demand: ``rank(r)``, ``ranks`` (all), and
+    ``table()`` (only the printed ones).
     """
     placements = parse_placements(placements)
     if isinstance(mesh_shape, str) or not all(isinstance(s, int) for s in mesh_shape):
@@ -227,12 +261,8 @@ def explain_placements(
             "one name per axis. Fix: pass as many names as mesh sizes."
         )
     _validate(placements, mesh_shape, global_shape)
+    check_sizes(mesh_shape, global_shape)
     placements = normalize_placements(placements, len(global_shape))
-    coordinates = itertools.product(*(range(size) for size in mesh_shape))
-    ranks = tuple(
-        RankShard(rank, coord, rank_indices(placements, mesh_shape, global_shape, coord))
-        for rank, coord in enumerate(coordinates)
-    )
     order, reasons = decode_shard_order(placements, mesh_shape)
     origin = (0,) * len(mesh_shape)
     strided = tuple(
@@ -249,7 +279,7 @@ def explain_placements(
         if isinstance(p, StridedShard)
     )
     names = tuple(mesh_names) if mesh_names is not None else None
-    return PlacementExplanation(placements, mesh_shape, names, global_shape, ranks, order, strided)
+    return PlacementExplanation(placements, mesh_shape, names, global_shape, order, strided)
 
 
 __all__ = [

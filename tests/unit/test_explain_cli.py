@@ -1,4 +1,5 @@
-"""``python -m dtensor_attn explain``: output pinned with expecttest; bad input is one line, exit 2.
+"""``python -m dtensor_attn explain`` and ``report``: output pinned with expecttest; bad input is one
+line, exit 2; a huge mesh costs no more than a small one; a bad ``--out`` fails before the matrix.
 
 Regenerate the pinned outputs after an intended change with
 ``EXPECTTEST_ACCEPT=1 pytest tests/unit/test_explain_cli.py``.
@@ -12,8 +13,11 @@ import subprocess
 import sys
 
 import expecttest
+import pytest
 
 from dtensor_attn.__main__ import COMMANDS, main
+from dtensor_attn.explain import rank_table
+from dtensor_attn.explain.bounds import MAX_ROWS, shown_ranks
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -86,19 +90,32 @@ torch 2.11 raises "use_strided_shard_as_shard_order is True, but placements: (_S
 """)
 
     def test_error_message_pasted_whole(self):
+        """The message's placements are read: its answer holds the same rank table as the
+        placements typed alone, after what torch said."""
         message = (
             "use_strided_shard_as_shard_order is True, but placements: (_StridedShard(dim=1, sf=8),) "
             "is unable to be interpreted into a corresponding shard_order"
         )
         code, out, _ = run_cli("explain", message, "--mesh", "8", "--shape", "8,256")
         self.assertEqual(code, 0)
-        self.assertEqual(out, run_cli("explain", "_S(1, 8)", "--mesh", "8", "--shape", "8,256")[1])
+        self.assertTrue(out.startswith("torch 2.11 could not read these placements as a shard order"))
+        typed = run_cli("explain", "_S(1, 8)", "--mesh", "8", "--shape", "8,256")[1]
+        table = typed.split("\n\n")[1].splitlines()
+        self.assertIn("\n".join(f"  {row}" for row in table), out)
+
+    def test_mesh_and_shape_are_optional(self):
+        for argv in (("_S(1, 8)",), ("_S(1, 8)", "--mesh", "8"), ("_S(1, 8)", "--shape", "8,256")):
+            with self.subTest(argv=argv):
+                code, out, err = run_cli("explain", *argv)
+                self.assertEqual((code, err), (0, ""))
+                self.assertIn("_S(1, 8) on axis 0: dim 1 of size", out)
 
     def test_bad_input_is_one_line_and_exit_code_2(self):
         cases = {
             ("explain", "Q(1)", "--mesh", "8", "--shape", "8"): "unknown placement 'Q(1)'",
             ("explain", "S(1), R", "--mesh", "8", "--shape", "8,256"): "2 placements (S(1), R) for a 1-D mesh",
-            ("explain", "S(1)", "--mesh", "8"): "the following arguments are required: --shape",
+            ("explain", "S(1)", "--mesh", "99999999999"): "--mesh 99999999999 has 99999999999 ranks",
+            ("explain", "S(2)", "--shape", "8,256"): "S(2) shards dim 2, but the global shape (8, 256) has 2 dims",
             ("explain", "S(1)", "--mesh", "0", "--shape", "8"): "every axis needs >= 1 rank",
             ("nope",): "invalid choice: 'nope'",
             (): "the following arguments are required: command",
@@ -128,6 +145,84 @@ torch 2.11 raises "use_strided_shard_as_shard_order is True, but placements: (_S
         self.assertEqual(
             result.stderr, "error: '_S(1, x)': expected an integer split factor, got 'x'\n"
         )
+
+
+def test_standard_input_is_read_with_a_dash(monkeypatch):
+    message = "_StridedShard placements (_StridedShard(dim=1, sf=8),) cannot be decoded\ninto a corresponding shard_order\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(message))
+    code, out, err = run_cli("explain", "-")
+    assert (code, err) == (0, "")
+    assert out.startswith("torch could not decode these _StridedShard placements into a shard order:")
+
+
+def test_a_huge_mesh_computes_only_the_printed_ranks(monkeypatch):
+    """--mesh 100000 took minutes (every rank computed, then printed): now the table prints the
+    first and last few ranks and computes only those, plus rank 0 before each strided axis."""
+    calls = []
+    real = rank_table.rank_indices
+    monkeypatch.setattr(rank_table, "rank_indices", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    code, out, err = run_cli("explain", "_S(1, 8)", "--mesh", "100000", "--shape", "8,256")
+    assert (code, err) == (0, "")
+    shown = shown_ranks(100_000)
+    assert shown == (0, 1, 2, 3, 99_998, 99_999)
+    assert len(calls) <= len(shown) + 1, len(calls)
+    assert "... 99994 more ranks\n99998  (99998,)  (8, 0)  all        none" in out
+
+
+def test_shown_ranks_is_every_rank_of_a_small_mesh():
+    assert shown_ranks(MAX_ROWS) == tuple(range(MAX_ROWS))
+    assert len(shown_ranks(MAX_ROWS + 1)) < MAX_ROWS + 1
+    assert shown_ranks(1) == (0,)
+
+
+@pytest.mark.parametrize(
+    "option, value, limit",
+    [("--mesh", "99999999999", "16777216"), ("--mesh", "4096,4096,2", "16777216"), ("--shape", "8,99999999999", "4194304")],
+)
+def test_absurd_sizes_are_refused_up_front_naming_option_value_limit_and_fix(option, value, limit):
+    other = ("--shape", "8,8") if option == "--mesh" else ("--mesh", "8")
+    for argv in ((option, value), (option, value, *other)):  # alone: symbolic; both: the table
+        code, out, err = run_cli("explain", "S(1)", *argv)
+        assert (code, out) == (2, "")
+        assert len(err.splitlines()) == 1
+        assert f"{option} {value} has" in err and limit in err and "Fix:" in err
+
+
+def test_report_to_an_unwritable_out_fails_before_running_the_matrix(tmp_path, monkeypatch):
+    """--out under a regular file (not a chmod: tests may run as root) is refused at once, in
+    one line with the path, the reason and the fix; the matrix (19-34 s) never starts."""
+    import dtensor_attn.report as report
+
+    def matrix_ran(*_, **__):
+        raise AssertionError("run_report started before the --out check")
+
+    monkeypatch.setattr(report, "run_report", matrix_ran)
+    (tmp_path / "a_file").write_text("")
+    out_dir = tmp_path / "a_file" / "report"
+    code, out, err = run_cli("report", "--out", str(out_dir))
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert f"--out {out_dir}" in err and "a_file is a file, not a directory" in err and "Fix:" in err
+
+
+def test_check_out_dir_creates_a_writable_directory(tmp_path):
+    from dtensor_attn.report import check_out_dir
+
+    target = tmp_path / "new" / "report"
+    assert check_out_dir(target) == target and target.is_dir() and not list(target.iterdir())
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """``explain ... | head -1``: the reader closes the pipe early; no traceback, exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtensor_attn", "explain", "_S(1, 8)", "--mesh", "64", "--shape", "8,4096"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before torch is even imported: every write hits a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+    assert proc.returncode == 0
 
 
 if __name__ == "__main__":

@@ -182,3 +182,23 @@ def test_flatten_readings_are_the_same_where_torch_refuses_the_view(request, pla
     assert "produces exactly this" in with_torch
     request.getfixturevalue("torch211_view_algebra")
     assert explain_placements(placements, mesh_text, shape).render() == with_torch
+
+
+def test_a_large_mesh_table_elides_the_middle_ranks_and_keeps_every_rank_on_demand():
+    explained = explain_placements("S(0)", (16,), (32,))
+    rows = explained.table().splitlines()
+    assert [row.split()[0] for row in rows[1:]] == ["0", "1", "2", "3", "...", "14", "15"]
+    assert rows[5] == "... 10 more ranks"
+    assert len(explained.ranks) == 16 and explained.rank(9).indices == ((18, 19),)
+
+
+def test_plain_shards_stay_ranges_and_print_without_walking_the_indices():
+    held = explain_placements("S(0), S(1)", (2, 2), (4_000_000, 8)).rank(3).held
+    assert held == (range(2_000_000, 4_000_000), range(4, 8))
+    assert format_indices(held[0], 4_000_000) == "2000000-3999999"
+
+
+def test_a_split_factor_larger_than_the_dim_costs_no_more_than_the_dim():
+    """torch.chunk of 8 into 2**31 - 1 pieces is 8 pieces of 1; each goes to rank 0 of 2."""
+    explained = explain_placements("_S(0, 2147483647)", (2,), (8,))
+    assert [s.indices[0] for s in explained.ranks] == [tuple(range(8)), ()]
