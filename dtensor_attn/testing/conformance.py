@@ -253,7 +253,7 @@ def _probe_calls(mesh, axes: dict[str, int]) -> list[tuple[str, object, tuple]]:
 
 def _cache_probe(variant: Variant, opts: ConformanceOptions, settings: CallSettings) -> CaseOutcome:
     """One subject, called on several placements and meshes in turn: a call that fails where a
-    fresh subject passes it shows state kept from an earlier call (BUGS.md row 6)."""
+    fresh subject passes it shows state kept from an earlier call (docs/bugs.md row 6)."""
     multi = [(n, a) for n, a in opts.meshes if len(a) > 1] or sorted(opts.meshes, key=lambda m: -num_ranks(m[1]))
     mesh_name, axes = multi[0]
     lse = variant.lse_values[0]

@@ -9,7 +9,7 @@ sequence, ``tp`` the heads. The subject's output is judged in the layout its glo
 implies (BLNH or TNH; the LSE: BLN, BNL or TN):
 - shape: it must be one of those layouts' shapes;
 - placements: those the layout implies for the inputs' sharding (the table below, written out
-  from DESIGN.md section 1, not computed by the code under test);
+  from docs/design.md, "Layouts and placements", not computed by the code under test);
 - values: every rank's ``full_tensor()`` equals the float64 reference; where it does not, each
   rank's own shard is compared with the slice of the reference its placements name;
 - gradients of sum(out * w) (+ sum(lse * w')), w random: each input's gradient is placed like

@@ -1,5 +1,5 @@
 """Subjects for the conformance kit's tests: a tiny correct attention wrapper, and variants
-that each carry one bug of /work/shared/BUGS.md (each docstring names its row).
+that each carry one bug of docs/bugs.md (each docstring names its row).
 
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
@@ -89,21 +89,21 @@ class TinyAttention(nn.Module):
 
 
 class CopiedOutputPlacements(TinyAttention):
-    """BUGS.md row 1: varlen's packed TNH output labelled with the BLNH input placements."""
+    """docs/bugs.md row 1: varlen's packed TNH output labelled with the BLNH input placements."""
 
     def out_placements(self, q):
         return list(q.placements)
 
 
 class StaleSeqDimGather(TinyAttention):
-    """BUGS.md row 2: the CP gather still uses seq_dim=2 (BNLH) after the move to BLNH, so it
+    """docs/bugs.md row 2: the CP gather still uses seq_dim=2 (BNLH) after the move to BLNH, so it
     concatenates heads: an error with MHA, silently wrong values with GQA."""
 
     seq_dim = 2
 
 
 class StaleSeqDimLabel(TinyAttention):
-    """BUGS.md row 2, sdpa's symptom: numbers computed right, the CP boundary labelled Shard(2)."""
+    """docs/bugs.md row 2, sdpa's symptom: numbers computed right, the CP boundary labelled Shard(2)."""
 
     def out_placements(self, q):
         cp = self.cp_axes(q)
@@ -111,7 +111,7 @@ class StaleSeqDimLabel(TinyAttention):
 
 
 class LSEWithQPlacements(TinyAttention):
-    """BUGS.md row 3: the LSE (BNL for sdpa) labelled with q's BLNH placements."""
+    """docs/bugs.md row 3: the LSE (BNL for sdpa) labelled with q's BLNH placements."""
 
     def out_placements(self, q):
         out, _ = super().out_placements(q)
@@ -119,7 +119,7 @@ class LSEWithQPlacements(TinyAttention):
 
 
 class MissingGradPlacements(TinyAttention):
-    """BUGS.md row 4: in_grad_placements left out, so k/v gradients default to the forward
+    """docs/bugs.md row 4: in_grad_placements left out, so k/v gradients default to the forward
     placements (Replicate on CP) instead of Partial: under-reduced, silent."""
 
     def grad_placements(self, q_pl, kv_pl, index_pl, cp):
@@ -127,14 +127,14 @@ class MissingGradPlacements(TinyAttention):
 
 
 class PartialGradLabelledReplicate(TinyAttention):
-    """BUGS.md row 5, Partial labelled Replicate: k/v gradients stated Replicate on CP."""
+    """docs/bugs.md row 5, Partial labelled Replicate: k/v gradients stated Replicate on CP."""
 
     def grad_placements(self, q_pl, kv_pl, index_pl, cp):
         return (q_pl, kv_pl, kv_pl, *index_pl)
 
 
 class ReplicatedLabelledPartial(TinyAttention):
-    """BUGS.md row 5, the reverse: a result computed whole on every rank declared Partial, so
+    """docs/bugs.md row 5, the reverse: a result computed whole on every rank declared Partial, so
     redistributing it sums world-size copies."""
 
     def forward(self, q, k, v, mask=None):
@@ -144,7 +144,7 @@ class ReplicatedLabelledPartial(TinyAttention):
 
 
 class FirstCallCache(TinyAttention):
-    """BUGS.md row 6: the local_map (and its placements and mesh) built on the first call and
+    """docs/bugs.md row 6: the local_map (and its placements and mesh) built on the first call and
     reused for every later call."""
 
     def __init__(self, config: AttentionConfig) -> None:
@@ -168,18 +168,18 @@ class _SDPASwallowingMasks(SDPAAttention):
 
 
 def configured_flex_built_sdpa(config: AttentionConfig) -> LocalMapAttention:
-    """BUGS.md row 7: the configured backend is not passed to the builder (sdpa is built), and
+    """docs/bugs.md row 7: the configured backend is not passed to the builder (sdpa is built), and
     sdpa drops the document mask it is handed."""
     return LocalMapAttention(_SDPASwallowingMasks(dataclasses.replace(config, backend=Backend.SDPA)))
 
 
 def gqa_flag_dropped(config: AttentionConfig) -> LocalMapAttention:
-    """BUGS.md row 8: enable_gqa not forwarded to the kernel: an error for Hq != Hkv."""
+    """docs/bugs.md row 8: enable_gqa not forwarded to the kernel: an error for Hq != Hkv."""
     return LocalMapAttention(dataclasses.replace(config, enable_gqa=False).build())
 
 
 class TiledHeadExpansion(TinyAttention):
-    """BUGS.md row 8, wrong values: head expansion moved into the wrapper by a refactor, tiled
+    """docs/bugs.md row 8, wrong values: head expansion moved into the wrapper by a refactor, tiled
     (repeat) where GQA groups neighbouring q heads (repeat_interleave)."""
 
     def kernel(self, q, k, v, q_index_L, kv_index_L):
@@ -188,7 +188,7 @@ class TiledHeadExpansion(TinyAttention):
 
 
 class FlattenWithoutStride(TinyAttention):
-    """BUGS.md row 10: packing seq-sharded (B, L) into T propagated as a plain Shard(0) of T,
+    """docs/bugs.md row 10: packing seq-sharded (B, L) into T propagated as a plain Shard(0) of T,
     where the tokens of each rank are strided (_StridedShard(0, sf=B)): right shape, wrong values."""
 
     def out_placements(self, q):
@@ -197,7 +197,7 @@ class FlattenWithoutStride(TinyAttention):
 
 
 class ForgetsCPOffset(TinyAttention):
-    """BUGS.md row 11: queries masked by their local position; right only on the first CP rank,
+    """docs/bugs.md row 11: queries masked by their local position; right only on the first CP rank,
     whose chunk starts at 0: a test that checks rank 0 alone passes."""
 
     def kernel(self, q, k, v, q_index_L, kv_index_L):

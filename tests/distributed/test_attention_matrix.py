@@ -65,7 +65,7 @@ SEQ_HEADS = {  # (cp shards seq, tp shards heads)
 }
 HEADS = {layout: (seq_heads[1],) for layout, seq_heads in SEQ_HEADS.items()}
 # dp shards batch: dim 0 everywhere; with BATCH=2 on dp=2 the local batch is 1, so the packed
-# seq shard is a plain Shard(0) (DESIGN.md section 1), not a _StridedShard.
+# seq shard is a plain Shard(0) (docs/design.md, "Layouts and placements"), not a _StridedShard.
 BATCH_SEQ_HEADS = {
     Layout.BLNH: (Shard(0), Shard(1), Shard(2)),
     Layout.BNLH: (Shard(0), Shard(2), Shard(1)),

@@ -1,4 +1,4 @@
-"""The conformance kit: it passes LocalMapAttention everywhere and flags every BUGS.md row.
+"""The conformance kit: it passes LocalMapAttention everywhere and flags every docs/bugs.md row.
 
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
@@ -214,7 +214,7 @@ def test_without_backward_gradient_bugs_go_unseen():
 
 
 class SplitFactorOne(subjects.TinyAttention):
-    """BUGS.md row 9, for the kit itself: right values labelled _StridedShard(dim, sf=1), which
+    """docs/bugs.md row 9, for the kit itself: right values labelled _StridedShard(dim, sf=1), which
     equals Shard(dim); an unnormalised comparison would flag it."""
 
     def out_placements(self, q):

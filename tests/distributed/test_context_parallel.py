@@ -183,7 +183,7 @@ def _run_hooks(mesh, config, qkv, mask, lb):
     return relabel(out_local), tuple(relabel(g) for g in grads)
 
 
-# -- the boundary: golden table, stale seq_dim (BUGS.md row 2) ----------------------------------
+# -- the boundary: golden table, stale seq_dim (docs/bugs.md row 2) ----------------------------------
 
 
 class _ReachedKernel(Exception):
@@ -299,7 +299,7 @@ def test_stale_seq_dim_sdpa_numbers_match_but_boundary_is_wrong(request, mesh):
         assert_dtensor_close(outs[2], out_ref, **tol(mesh))
 
 
-# -- BUGS.md row 11: a check on rank 0 alone misses a missing per-rank offset ---------------------
+# -- docs/bugs.md row 11: a check on rank 0 alone misses a missing per-rank offset ---------------------
 
 
 @pytest.mark.mesh(cp=2)
@@ -488,7 +488,7 @@ def test_view_probe_agrees_with_dtensor_view(mesh):
 @pytest.mark.parametrize("mesh_name", [pytest.param(name, marks=pytest.mark.mesh(**MESHES[name]), id=name)
                                        for name in ("cp2", "cp2xtp2")])
 def test_packing_a_cp_output_is_right_or_refused(mesh, mesh_name):
-    """BUGS.md row 10: viewing the seq-sharded BLNH output as packed TNH needs a strided
+    """docs/bugs.md row 10: viewing the seq-sharded BLNH output as packed TNH needs a strided
     placement; DTensor must give the right values (torch 2.13) or refuse (torch 2.11), never
     silently wrong ones."""
     inputs = mesh_inputs(mesh, num_q_heads=4, num_kv_heads=4)

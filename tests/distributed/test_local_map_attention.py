@@ -66,7 +66,7 @@ def test_seed_bug_copied_placements_are_caught_and_ours_are_right(mesh):
 
 @pytest.mark.mesh(cp=2, tp=2)
 def test_plans_are_cached_per_signature_not_first_call(mesh):
-    """BUGS.md row 6: a wrapper that keeps its first local_map gives stale placements later."""
+    """docs/bugs.md row 6: a wrapper that keeps its first local_map gives stale placements later."""
     attention = LocalMapAttention(AttentionConfig(backend="sdpa").build())
     inputs = make_mesh_inputs(mesh, batch=B, seq=L, num_q_heads=N, num_kv_heads=N, head_dim=H)
     out_ref_BLNH, _ = reference_attention(inputs)

@@ -130,7 +130,7 @@ def test_negative_dims_without_ndim_are_a_caller_error():
 
 @pytest.mark.mesh(cp=2, tp=2)
 def test_a_replicate_that_differs_across_ranks_is_caught_on_the_ranks_that_differ(mesh):
-    # The BUGS.md #11 shape: rank 0 holds the right values, so a rank-0-only check passes.
+    # The docs/bugs.md row 11 shape: rank 0 holds the right values, so a rank-0-only check passes.
     from torch.distributed.tensor import DTensor
 
     with _compat.maybe_disable_local_tensor_mode():

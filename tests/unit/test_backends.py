@@ -57,7 +57,7 @@ def test_sdpa_refuses_document_masks_and_accepts_single_documents():
 
 @pytest.mark.parametrize("given,built", [("flex", "varlen"), ("varlen", "flex"), ("varlen", "sdpa")])
 def test_mask_for_another_backend_raises(given, built):
-    """BUGS.md row 7: a config said flex, the model was built with another backend."""
+    """docs/bugs.md row 7: a config said flex, the model was built with another backend."""
     inputs = make_inputs(documents=True)
     mask = make_attention_masks(AttentionConfig(backend=given), inputs.positions_BL)
     module = AttentionConfig(backend=built).build()
@@ -89,7 +89,7 @@ def test_flex_native_cpu_forward_matches_math_kernel():
 
 @pytest.mark.parametrize("backend", list(REGISTRY))
 def test_gqa_without_flag_is_an_error(backend):
-    """BUGS.md row 8: the GQA flag must reach the kernel (or the error must be clear)."""
+    """docs/bugs.md row 8: the GQA flag must reach the kernel (or the error must be clear)."""
     inputs = make_inputs(num_q_heads=8, num_kv_heads=4)
     with pytest.raises(ValueError, match=r"q has 8 heads and k/v 4.*enable_gqa=True"):
         AttentionConfig(backend=backend).build()(inputs.q_BLNH, inputs.k_BLNH, inputs.v_BLNH)

@@ -26,7 +26,7 @@ from dtensor_attn.testing.conformance_subjects import kernel_label, offered_outp
 
 B, L, N = Dim.B, Dim.L, Dim.N
 
-# (layout, per-axis BLNH dims, mesh shape, batch, expected): DESIGN.md section 1, written by hand.
+# (layout, per-axis BLNH dims, mesh shape, batch, expected): docs/design.md, "Layouts and placements", written by hand.
 TABLE = [
     (Layout.BLNH, (N,), (2,), 2, (Shard(2),)),
     (Layout.TNH, (N,), (8,), 2, (Shard(1),)),

@@ -153,7 +153,7 @@ events:
 
 
 def test_negative_dims_are_normalised_before_judging():
-    """BUGS.md #9: Shard(-2) on a 4-D input is Shard(2); Shard(-1) on a 3-D output is Shard(2)."""
+    """docs/bugs.md row 9: Shard(-2) on a 4-D input is Shard(2); Shard(-1) on a 3-D output is Shard(2)."""
     (finding,) = check_local_map(boundary([Shard(-2)], (2, 4, 8, 3), [Shard(-1)], (8, 2, 12)))
     assert "heads is dim 1, so the output should be Shard(1)" in finding.lines[1]
     assert check_local_map(boundary([Shard(-2)], (2, 4, 8, 3), [Shard(-2)], (8, 8, 3))) == []

@@ -1,4 +1,4 @@
-"""The pure placement mapping: the DESIGN.md section 1 table, normalisation, and its errors.
+"""The pure placement mapping: the table of docs/design.md ("Layouts and placements"), normalisation, and its errors.
 
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
@@ -19,7 +19,7 @@ from dtensor_attn.placements import format_placements, normalize_placements, pla
 B, L, N, H = 4, 16, 8, 32
 BLNH_SHAPE = (B, L, N, H)
 
-# (mesh shape, BLNH input placements, expected TNH placements): DESIGN.md section 1, by hand.
+# (mesh shape, BLNH input placements, expected TNH placements): docs/design.md, "Layouts and placements", by hand.
 TABLE = [
     ((8,), (Shard(2),), (Shard(1),)),  # TP shards heads: dim 2 in BLNH, dim 1 in TNH
     ((2,), (Shard(1),), (StridedShard(0, split_factor=B),)),  # CP: seq chunk of every row
@@ -77,7 +77,7 @@ def test_partial_and_wrong_placement_count_are_errors():
 
 
 def test_normalisation_sees_through_spellings():
-    """BUGS.md row 9: Shard(-1) vs Shard(3), _StridedShard(sf=1) vs Shard, list vs tuple."""
+    """docs/bugs.md row 9: Shard(-1) vs Shard(3), _StridedShard(sf=1) vs Shard, list vs tuple."""
     assert placements_equal([Shard(-1)], (Shard(3),), 4)
     assert placements_equal((StridedShard(0, split_factor=1),), [Shard(0)], 3)
     assert not placements_equal((StridedShard(0, split_factor=2),), (Shard(0),), 3)
