@@ -13,6 +13,8 @@ BLNH q ``(Shard(2),)`` into TNH gives local (B*L, N/tp, H); heads is dim 1, so t
 
 from __future__ import annotations
 
+import enum
+
 import math
 from dataclasses import dataclass, field
 
@@ -61,15 +63,34 @@ class TraceEvent:
         return f"{self.where()}: {ins} {arrow} {outs}"
 
 
+class Severity(str, enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    NOTE = "note"
+
+
+class FindingKind(str, enum.Enum):
+    MISLABEL = "mislabel"  # a local_map output declared with placements its kernel's layout denies
+    STRIDED = "strided"  # the first _StridedShard
+    FAILURE = "failure"  # propagation failed
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
-    severity: str  # "error" | "warning" | "note"
-    kind: str  # "mislabel" (a local_map output), "strided" (first _StridedShard), "failure"
+    severity: Severity
+    kind: FindingKind
     event: int
     title: str
     lines: tuple[str, ...] = ()
     fix: str | None = None
     cause: int | None = None  # index of the finding's likely cause (a local_map event)
+
+
+def headline_order(finding: Finding) -> tuple:
+    """The one rule for what a report leads with: errors first; among them the op where a
+    _StridedShard appeared or propagation failed before the local_map mislabel that caused it;
+    then by event order."""
+    return (finding.severity is not Severity.ERROR, finding.kind is FindingKind.MISLABEL, finding.event)
 
 
 def _local_shape(record: TensorRecord) -> tuple[int, ...]:
@@ -207,8 +228,8 @@ def _mislabel(event, j, out, inp, sources, expected, true_shape, axes) -> Findin
         lines.append("the two dims have the same local size, so shapes alone cannot tell: if the "
                      "kernel permutes them, this label may be right")
     return Finding(
-        "warning" if ambiguous else "error",
-        "mislabel",
+        Severity.WARNING if ambiguous else Severity.ERROR,
+        FindingKind.MISLABEL,
         event.index,
         f"{event.where()}: output {j} declared {format_placements(declared)}, which does not match "
         f"the kernel's output layout",
@@ -258,8 +279,8 @@ def diagnose(events: list[TraceEvent]) -> list[Finding]:
             ins = "; ".join(map(str, event.inputs))
             title = f"first _StridedShard at {event.where()}: {ins} -> {record}"
             lines = _strided_lines(record, with_hint=cause is None)
-        severity = "error" if cause is not None or event.error is not None else "note"
-        kind = "strided" if event.error is None else "failure"
+        severity = Severity.ERROR if cause is not None or event.error is not None else Severity.NOTE
+        kind = FindingKind.STRIDED if event.error is None else FindingKind.FAILURE
         findings.append(Finding(severity, kind, event.index, title, tuple(lines), cause=cause))
         break
     return sorted(findings, key=lambda f: (f.event, f.cause is None))
@@ -277,4 +298,4 @@ def _strided_lines(record: TensorRecord, *, with_hint: bool) -> list[str]:
     return lines
 
 
-__all__ = ["Finding", "TensorRecord", "TraceEvent", "check_local_map", "diagnose"]
+__all__ = ["Finding", "FindingKind", "Severity", "TensorRecord", "TraceEvent", "check_local_map", "diagnose", "headline_order"]

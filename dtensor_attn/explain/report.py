@@ -3,7 +3,9 @@ then the other findings, then the event log."""
 
 from __future__ import annotations
 
-from dtensor_attn.explain.diagnose import Finding
+from dtensor_attn.explain.diagnose import Finding, FindingKind, Severity, headline_order
+
+_LABELS = {Severity.ERROR: "PROBLEM", Severity.WARNING: "warning", Severity.NOTE: "note"}
 
 
 def _block(finding: Finding, indent: str = "  ") -> list[str]:
@@ -20,24 +22,24 @@ def _count(num: int, noun: str) -> str:
 def render_trace(trace, *, max_events: int = 60) -> str:
     events, findings = trace.events, trace.findings
     num_maps = sum(e.is_local_map for e in events)
-    count = {s: sum(f.severity == s for f in findings) for s in ("error", "warning")}
+    count = {s: sum(f.severity is s for f in findings) for s in (Severity.ERROR, Severity.WARNING)}
     lines = [
         f"placement trace of {trace.target}: {_count(len(events) - num_maps, 'DTensor op')}, "
-        f"{_count(num_maps, 'local_map call')}; {_count(count['error'], 'error')}, "
-        f"{_count(count['warning'], 'warning')}"
+        f"{_count(num_maps, 'local_map call')}; {_count(count[Severity.ERROR], 'error')}, "
+        f"{_count(count[Severity.WARNING], 'warning')}"
     ]
     if not trace.boundaries_seen:
         lines.append(
             "note: another profiler owns sys.setprofile, so local_map boundaries were not recorded"
         )
-    mislabels = {f.event: f for f in findings if f.kind == "mislabel"}
+    mislabels = {f.event: f for f in findings if f.kind is FindingKind.MISLABEL}
     shown: set[int] = set()
-    ordered = sorted(findings, key=lambda f: (f.severity != "error", f.kind == "mislabel", f.event))
+    ordered = sorted(findings, key=headline_order)
     for finding in ordered:
         if id(finding) in shown:
             continue
         shown.add(id(finding))
-        label = {"error": "PROBLEM", "warning": "warning", "note": "note"}[finding.severity]
+        label = _LABELS[finding.severity]
         lines += ["", f"{label}: {finding.title}"] + _block(finding)
         cause = mislabels.get(finding.cause) if finding.cause is not None else None
         if cause is not None:

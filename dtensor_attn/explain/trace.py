@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import TorchDispatchMode, tree_leaves
-from dtensor_attn.explain.diagnose import Finding, TensorRecord, TraceEvent, diagnose
+from dtensor_attn.explain.diagnose import Finding, Severity, TensorRecord, TraceEvent, diagnose, headline_order
 
 
 def _first_line(exc: BaseException) -> str:
@@ -140,18 +140,17 @@ class PlacementTrace:
 
     @property
     def ok(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
+        return not any(f.severity is Severity.ERROR for f in self.findings)
 
     @property
     def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
+        return [f for f in self.findings if f.severity is Severity.ERROR]
 
     @property
     def first_problem(self) -> Finding | None:
         """The report's headline: the first op where a _StridedShard appeared or propagation
         failed (``cause``: the local_map event behind it), else the first error."""
-        problems = self.problems
-        return min(problems, key=lambda f: f.kind == "mislabel", default=None)
+        return min(self.problems, key=headline_order, default=None)
 
     def render(self, max_events: int = 60) -> str:
         from dtensor_attn.explain.report import render_trace

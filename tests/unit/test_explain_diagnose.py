@@ -12,6 +12,7 @@ from __future__ import annotations
 import expecttest
 import pytest
 
+from dtensor_attn.explain.diagnose import FindingKind, Severity
 from dtensor_attn._compat import Partial, Replicate, Shard, strided_shard
 from dtensor_attn.explain import PlacementTrace, TensorRecord, TraceEvent
 from dtensor_attn.explain.diagnose import check_local_map, diagnose
@@ -39,7 +40,7 @@ def boundary(in_placements, in_shape, out_placements, out_shape, mesh=TP, index=
 def test_seed_label_is_an_error_that_names_heads_dim_1():
     # q_BLNH (B=2, L=4, N=8, H=3) with S(2) on tp=4 -> kernel returns local TNH (8, 2, 3)
     (finding,) = check_local_map(boundary([Shard(2)], (2, 4, 8, 3), [Shard(2)], (8, 2, 12)))
-    assert (finding.severity, finding.kind, finding.event) == ("error", "mislabel", 0)
+    assert (finding.severity, finding.kind, finding.event) == (Severity.ERROR, FindingKind.MISLABEL, 0)
     text = "\n".join(finding.lines)
     assert "the kernel returned a TNH tensor (local shape (8, 2, 3)) from q_BLNH in BLNH" in text
     assert "in the packed TNH layout heads is dim 1, so the output should be Shard(1) on tp" in text
@@ -54,7 +55,7 @@ def test_correct_label_passes():
 def test_same_local_sizes_make_it_a_warning():
     """N/tp == H: shapes alone cannot tell heads from head_dim, so no error is claimed."""
     (finding,) = check_local_map(boundary([Shard(2)], (2, 4, 8, 2), [Shard(2)], (8, 2, 8)))
-    assert finding.severity == "warning"
+    assert finding.severity == Severity.WARNING
     assert "shapes alone cannot tell" in finding.lines[-1]
 
 
@@ -109,14 +110,14 @@ def seed_events(view_error: str | None = None) -> list[TraceEvent]:
 
 
 def test_first_strided_shard_is_linked_to_the_label_behind_it():
-    strided, mislabel = sorted(diagnose(seed_events()), key=lambda f: f.kind != "strided")
-    assert (strided.kind, strided.severity, strided.cause) == ("strided", "error", 1)
+    strided, mislabel = sorted(diagnose(seed_events()), key=lambda f: f.kind != FindingKind.STRIDED)
+    assert (strided.kind, strided.severity, strided.cause) == (FindingKind.STRIDED, Severity.ERROR, 1)
     assert mislabel.event == 1
 
 
 def test_failed_view_on_torch_2_11_is_linked_too():
     error = "RuntimeError: Attempted to flatten multiple dimensions, with dimension 2 being sharded"
-    failure = [f for f in diagnose(seed_events(error)) if f.kind == "failure"]
+    failure = [f for f in diagnose(seed_events(error)) if f.kind == FindingKind.FAILURE]
     assert failure[0].title == f"propagation failed at #2 aten.view.default in Block: {error}"
     assert failure[0].cause == 1
 
@@ -126,7 +127,7 @@ def test_a_strided_shard_with_no_label_to_blame_is_a_note():
     events[1].outputs[0] = record([Shard(1)], (8, 8, 3), TP, producer=1)  # a correct label
     events[2].inputs[0] = record([Shard(1)], (8, 8, 3), TP, producer=1)
     (note,) = diagnose(events)
-    assert (note.kind, note.severity, note.cause) == ("strided", "note", None)
+    assert (note.kind, note.severity, note.cause) == (FindingKind.STRIDED, Severity.NOTE, None)
 
 
 class TestSeedReport(expecttest.TestCase):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.experimental import local_map
 
+from dtensor_attn.explain.diagnose import FindingKind, Severity
 from dtensor_attn import _compat
 from dtensor_attn.explain import trace_placements
 from dtensor_attn.testing.simulate import simulated_mesh
@@ -89,10 +90,10 @@ def test_seed_bug_points_at_the_wrapper_output():
         report = trace.render()
         if trace.error is None:  # torch 2.13: the view makes a _StridedShard, and wrong values
             assert not torch.equal(trace.output.full_tensor(), attention_BLNH(q, k, v).reshape(B, L, -1))
-            expected_kind = "strided"
+            expected_kind = FindingKind.STRIDED
         else:  # torch 2.11: DTensor refuses the view of the mislabelled dim, far from the cause
             assert "Attempted to flatten" in str(trace.error)
-            expected_kind = "failure"
+            expected_kind = FindingKind.FAILURE
     assert not trace.ok
     first = trace.first_problem
     assert first.kind == expected_kind and "#2 aten.view.default" in first.title
@@ -103,7 +104,7 @@ def test_seed_bug_points_at_the_wrapper_output():
     assert "the declared Shard(2) is head_dim x tp" in report
     assert "claims global shape (B*L, N/tp, H*tp) = (8, 2, 12) instead of (B*L, N, H) = (8, 8, 3)" in report
     assert "fix: declare out_placements (S(1)) for output 0" in report
-    if expected_kind == "strided":
+    if expected_kind == FindingKind.STRIDED:
         assert "first _StridedShard at #2 aten.view.default in Block: (S(2)) (8, 2, 12) -> (_S(2, 2)) (2, 4, 24)" in report
     else:
         assert "PROBLEM: propagation failed at #2 aten.view.default" in report
@@ -127,7 +128,7 @@ def test_one_head_per_rank_is_flagged_though_no_strided_shard_appears():
         _, dtensors = inputs(mesh, 4, [Shard(2)])
         trace = trace_placements(Block(PackedAttention(copied)), *dtensors)
     (finding,) = trace.findings
-    assert finding.severity == "error" and finding.kind == "mislabel"
+    assert finding.severity == Severity.ERROR and finding.kind == FindingKind.MISLABEL
     assert "heads is dim 1, so the output should be Shard(1) on tp" in "\n".join(finding.lines)
 
 
@@ -154,7 +155,7 @@ def test_failed_propagation_is_recorded_with_its_cause():
         trace = trace_placements(Block(PackedAttention(copied, packed_attention_strided)), *dtensors)
     assert isinstance(trace.error, RuntimeError) and trace.output is None
     first = trace.first_problem
-    assert first.kind == "failure" and first.title.startswith("propagation failed at #2 aten.view.default")
+    assert first.kind == FindingKind.FAILURE and first.title.startswith("propagation failed at #2 aten.view.default")
     assert trace.events[first.cause].name == "local_map(packed_attention_strided)"
     assert "the call raised RuntimeError" in trace.render()
 
@@ -203,7 +204,7 @@ def test_another_profiler_is_left_alone():
     assert not trace.boundaries_seen
     assert "local_map boundaries were not recorded" in trace.render()
     (note,) = trace.findings  # the _StridedShard still shows, as a note: no boundary to blame
-    assert note.kind == "strided" and note.severity == "note" and note.cause is None
+    assert note.kind == FindingKind.STRIDED and note.severity == Severity.NOTE and note.cause is None
 
 
 def test_event_log_lists_placements_per_op():
