@@ -38,7 +38,8 @@ from dtensor_attn import _compat
 from dtensor_attn._compat import maybe_disable_local_tensor_mode
 from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
-from dtensor_attn.testing.conformance_cases import AXIS_DIMS, Call, CallSettings, make_call_inputs, run_call
+from dtensor_attn.testing.conformance_cases import Call, CallSettings, make_call_inputs, run_call
+from dtensor_attn.testing.meshspec import AXIS_DIMS
 from dtensor_attn.testing.conformance_result import (
     CaseFailure, CaseOutcome, ConformanceResult, FailureKind, Status,
 )

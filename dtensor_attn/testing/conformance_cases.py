@@ -24,7 +24,6 @@ Expected placements, per mesh axis that shards (B, L, N) of the BLNH inputs::
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,7 +38,6 @@ from dtensor_attn.testing.asserts import rank_values
 from dtensor_attn.testing.conformance_result import CaseFailure, FailureKind
 from dtensor_attn.testing.reference import AttentionInputs, make_inputs, reference_attention, to_layout
 
-AXIS_DIMS = types.MappingProxyType({"dp": Dim.B, "cp": Dim.L, "tp": Dim.N})  # what each mesh axis shards
 OUT_LAYOUTS = (Layout.BLNH, Layout.TNH)
 LSE_LAYOUTS = (Layout.BLN, Layout.BNL, Layout.TN)
 _ERROR_CHARS = 600

@@ -22,8 +22,8 @@ from torch import nn
 from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
 from dtensor_attn.backends import make_attention_masks
+from dtensor_attn.testing.conformance_cases import OUT_LAYOUTS
 
-OUTPUT_LAYOUTS = (Layout.BLNH, Layout.TNH)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class Variant:
 def offered_outputs(backend: Backend) -> tuple[Layout, ...]:
     """The output layouts ``backend`` offers (varlen_output=TNH is varlen's), by asking the config."""
     offered = []
-    for layout in OUTPUT_LAYOUTS:
+    for layout in OUT_LAYOUTS:
         try:
             AttentionConfig(backend=backend, varlen_output=layout)
         except ValueError:

@@ -9,12 +9,18 @@ Both launchers read the axes from here, so a skip reason or a test id reads the 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Mapping
 
 import pytest
 
+from dtensor_attn.layout import Dim
+
 MESH_MARKER = "mesh"
 MESH_FIXTURE = "mesh"
+# What each mesh axis name shards in attention inputs: batch (data parallel), seq (context
+# parallel), heads (tensor parallel). The conformance kit and the golden tables read it here.
+AXIS_DIMS = types.MappingProxyType({"dp": Dim.B, "cp": Dim.L, "tp": Dim.N})
 
 Axes = dict[str, int]
 
@@ -73,6 +79,11 @@ def describe_axes(axes: Mapping[str, int]) -> str:
 def mesh_id(axes: Mapping[str, int]) -> str:
     """``cp2xtp4``: a readable test id for a parametrized mesh."""
     return "x".join(f"{name}{size}" for name, size in axes.items())
+
+
+def mesh_params(*meshes: Mapping[str, int]) -> list:
+    """One ``pytest.param(axes)`` per mesh, marked ``mesh(**axes)`` and named by ``mesh_id``."""
+    return [pytest.param(dict(axes), marks=pytest.mark.mesh(**axes), id=mesh_id(axes)) for axes in meshes]
 
 
 def world_size_skip_reason(axes: Mapping[str, int], world_size: int) -> str | None:

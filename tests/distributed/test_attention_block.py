@@ -40,16 +40,13 @@ from dtensor_attn import _compat
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.testing import assert_dtensor_close, assert_placements
 from dtensor_attn.testing.conformance_subjects import offered_outputs
+from dtensor_attn.testing.meshspec import mesh_params
 from dtensor_attn.testing.reference import precision_for
 
 B, L, D, NUM_Q_HEADS, NUM_KV_HEADS, H = 2, 16, 16, 8, 4, 4
 STRIDED = _compat.strided_shard(0, B)  # each CP rank's tokens: its seq chunk of every batch row
 
-MESHES = [
-    pytest.param(dict(tp=2), marks=pytest.mark.mesh(tp=2), id="tp2"),
-    pytest.param(dict(cp=2), marks=pytest.mark.mesh(cp=2), id="cp2"),
-    pytest.param(dict(cp=2, tp=2), marks=pytest.mark.mesh(cp=2, tp=2), id="cp2xtp2"),
-]
+MESHES = mesh_params({"tp": 2}, {"cp": 2}, {"cp": 2, "tp": 2})
 # Per mesh axis: the attention output's placement (BLNH, TNH), then that of view(B, L, -1).
 OUT_PLACEMENTS = {"cp": {Layout.BLNH: Shard(1), Layout.TNH: STRIDED}, "tp": {Layout.BLNH: Shard(2), Layout.TNH: Shard(1)}}
 VIEW_PLACEMENTS = {"cp": Shard(1), "tp": Shard(2)}

@@ -23,14 +23,12 @@ from dtensor_attn import AttentionConfig, Dim, Layout, LocalMapAttention
 from dtensor_attn.backends import REGISTRY, VarlenAttention
 from dtensor_attn.placements import format_placements
 from dtensor_attn.testing import assert_golden, format_table, mesh_id
+from dtensor_attn.testing.meshspec import AXIS_DIMS, mesh_params
 from dtensor_attn.testing.conformance_subjects import offered_outputs
 from dtensor_attn.testing.golden import ACCEPT_ENV
 
-AXIS_DIMS = {"dp": Dim.B, "cp": Dim.L, "tp": Dim.N}
 SIZES = {Dim.B: 2, Dim.L: 8, Dim.N: 4, Dim.H: 4}
-MESHES = [pytest.param(axes, marks=pytest.mark.mesh(**axes), id=mesh_id(axes)) for axes in (
-    {"tp": 2}, {"cp": 2}, {"cp": 2, "tp": 2}, {"dp": 2, "cp": 2, "tp": 2},
-)]
+MESHES = mesh_params({"tp": 2}, {"cp": 2}, {"cp": 2, "tp": 2}, {"dp": 2, "cp": 2, "tp": 2})
 HEADER = ("in->out", "backend", "q/k/v", "k/v at kernel", "out", "lse", "q grad", "k/v grad", "seq_dim")
 
 

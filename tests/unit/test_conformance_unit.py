@@ -20,7 +20,8 @@ from dtensor_attn.config import Backend
 from dtensor_attn.testing.conformance import (
     DEFAULT_MESHES, MESHES, ConformanceOptions, _combinations, _probe_calls,
 )
-from dtensor_attn.testing.conformance_cases import AXIS_DIMS, Call, CallSettings, _ratio_note, expected_placements
+from dtensor_attn.testing.conformance_cases import Call, CallSettings, _ratio_note, expected_placements
+from dtensor_attn.testing.meshspec import AXIS_DIMS
 from dtensor_attn.testing.conformance_result import CaseFailure, ConformanceResult, FailureKind
 from dtensor_attn.testing.conformance_subjects import kernel_label, offered_outputs
 
