@@ -59,9 +59,6 @@ class Layout(enum.Enum):
                 return i
         raise ValueError(f"{self.name} has no {dim.value} dim")
 
-    def has(self, dim: Dim) -> bool:
-        return any(dim in d.atoms for d in self.value)
-
     @property
     def seq_dim(self) -> int:
         """The dim a context-parallel shard of the sequence lives on (1 in BLNH, 2 in BNLH)."""

@@ -15,9 +15,8 @@ then partial over cp and summed as data parallelism would.
 Measured on torch 2.13: varlen's TNH output under CP is ``(_StridedShard(0, sf=B), ...)``, and
 its ``view(B, L, -1)`` is a plain seq shard again with no collective; the pin is below. With
 the seed bug (the TNH output labelled Shard(2)) the view gives ``_StridedShard(2, sf=4)`` on tp=2
-and the output projection runs an extra all-gather: the collective count catches it. The math
-kernel of flex returns a transposed BNLH tensor, which ``view`` refuses even on one device:
-those cases xfail with that reason until the math kernel lays its output out as BLNH.
+and the output projection runs an extra all-gather: the collective count catches it. Every
+kernel, the math kernel included, returns BLNH memory, so ``view(B, L, -1)`` works.
 
 Tolerance: ``precision_for(mesh.device_type)``. On CPU ranks the block is float64 end to end
 (1e-9: reduction order only). On CUDA it runs in bf16 with head_dim 16, the real kernels'
@@ -132,12 +131,7 @@ def test_parallel_block_matches_single_device(mesh, axes, backend, layout):
         x_ref_BLD = torch.randn(B, L, D, generator=generator, dtype=torch.float64).to(precision.dtype).double().requires_grad_()
         w_BLD = torch.randn(B, L, D, generator=generator, dtype=torch.float64)
         out_ref = reference.attend(x_ref_BLD.detach())
-        if not out_ref.is_contiguous():
-            pytest.xfail(
-                f"{reference.attention.inner.kernel_name(out_ref.device)} returns its output with strides "
-                f"{out_ref.stride()} (a transposed BNLH tensor), so view(B, L, -1) fails even on one "
-                "device; torch's kernels return BLNH memory. Fix proposed for backends/math_kernel.py."
-            )
+        assert out_ref.is_contiguous()  # every kernel returns BLNH memory: view(B, L, -1) works
         (reference(x_ref_BLD) * w_BLD).sum().backward()
 
     block.parallelize(mesh)
