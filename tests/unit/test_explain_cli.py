@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
 
@@ -135,11 +136,14 @@ torch 2.11 raises "use_strided_shard_as_shard_order is True, but placements: (_S
                 self.assertIn(command.help, " ".join(out.split()))
 
     def test_module_entry_point_never_shows_a_traceback(self):
+        # Python warnings off (torch warns at import where numpy is missing): stderr must be our
+        # one line; a traceback is not a warning, so it would still show and fail the test.
         result = subprocess.run(
             [sys.executable, "-m", "dtensor_attn", "explain", "_S(1, x)", "--mesh", "8", "--shape", "8,256"],
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         self.assertEqual((result.returncode, result.stdout), (2, ""))
         self.assertEqual(
