@@ -128,6 +128,8 @@ def test_varlen_lse_gradient_on_the_real_kernel(documents, gqa, out_layout, lse_
         results.append([t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves])
     for name, native, reference in zip(("grad q", "grad k", "grad v"), *results):
         if lse_only and name == "grad v":
-            assert float(native.abs().max()) < 1e-20  # the LSE does not depend on v (2^-100 nudges)
+            # The LSE does not depend on v: 0 but for the nudge of each row whose output gradient
+            # is 0, b = sqrt|g| 2^-50 (|g| < 4 here), summed over at most L = 256 rows: < 1e-12.
+            assert float(native.abs().max()) < 1e-12
             continue
         assert _rel_err(native, reference) < 2e-2, name
