@@ -224,7 +224,8 @@ class _RingInputCheck:
         self.load_balance = load_balance
 
     def __call__(self, module, args, kwargs):
-        extra = [k for k, v in kwargs.items() if v is not None and not k.startswith(_KV_SHAPE_KEY)]
+        extra = [k for k, v in kwargs.items() if v is not None and not k.startswith(_KV_SHAPE_KEY)
+                 and not (k == "visibility" and v.mask is None and not v.sharded)]  # the module's own causality
         if not 3 <= len(args) <= 4 or any(a is not None for a in args[3:]) or extra:
             raise ContextParallelError(
                 f"{type(module).__name__} under ring CP takes q, k, v (and mask=None) only; got "

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+import torch
 import torch.distributed as dist
 
-from dtensor_attn import _compat
+from dtensor_attn import AttentionConfig, _compat
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.backends.base import CPStrategy
 from dtensor_attn.context_parallel import apply_context_parallel, expected_boundary
@@ -75,3 +77,19 @@ def test_probe_needs_no_process_group():
     assert isinstance(usable, bool) and why
     assert dist.is_initialized() == was_initialized, "the probe must not create a process group"
     assert _compat.packed_strided_shard_probe() is _compat.packed_strided_shard_probe()  # run once
+
+
+def test_ring_input_check_takes_the_plain_visibility_tp_hands_it():
+    """LocalMapAttention over the ring hooks (TP x ring CP) calls the inner attention with the
+    module's own causality as a Visibility and no mask: the ring check must let that through
+    (seen on the H200: it refused it, and the simulated-ranks probe took it for torch's failure),
+    and still refuse a mask or seq positions, which torch's ring cannot apply."""
+    from dtensor_attn import Visibility
+    from dtensor_attn.context_parallel import ContextParallelError, _RingInputCheck
+
+    check = _RingInputCheck(_compat.ring_load_balance())
+    module = AttentionConfig(backend="sdpa").build()
+    q = torch.zeros(1, 4, 2, 8)
+    assert check(module, (q, q, q), {"visibility": Visibility(True)}) == ((q, q, q), {"visibility": Visibility(True)})
+    with pytest.raises(ContextParallelError, match="takes q, k, v"):
+        check(module, (q, q, q), {"visibility": Visibility(True, None, torch.arange(4), torch.arange(4))})
