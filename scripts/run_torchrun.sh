@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the distributed suite under torchrun: one pytest per rank, with the dtensor_attn plugin in
 # torchrun mode (one process group per session, ranks agree on every test's outcome, per-rank
-# logs and JUnit XML in one folder, a per-rank summary at the end).
+# logs and JUnit XML in one folder), then the run-level JUnit file for CI (OUT/junit.xml, written
+# after torchrun exits, so it also covers ranks that were killed) and a per-rank summary.
 #
 # usage: scripts/run_torchrun.sh [-n NPROC] [--backend gloo|nccl] [--timeout S] [--out DIR]
 #            [--run-timeout S] [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT
@@ -10,14 +11,15 @@
 #   -n NPROC        ranks on this node; default: one per GPU with NCCL, else 4 CPU ranks (gloo)
 #   --backend B     gloo or nccl; default: nccl if there is a GPU, else gloo
 #   --timeout S     limit of each test phase and of each wait for the other ranks (default 120)
-#   --out DIR       rank<r>.log, rank<r>.xml and console.log go here (default out/torchrun)
+#   --out DIR       junit.xml (the run, for CI), rank<r>.log, rank<r>.xml and console.log go
+#                   here (default out/torchrun)
 #   --run-timeout S wall-clock limit of the whole run (default 10800)
 #   --dry-run       print the torchrun command and exit
 #   PYTEST_ARGS     default: tests/distributed
 #
 # One node: rendezvous on a free port (torchrun --standalone), never a fixed one. Several nodes:
 # run the same command on every node with torchrun's --nnodes, --node-rank, --rdzv-endpoint and
-# --rdzv-id. Exits non-zero if any rank failed; no process of the run is left behind.
+# --rdzv-id. Exits non-zero if any rank failed or no test ran; no process of the run is left.
 set -uo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -90,7 +92,8 @@ echo "run_torchrun.sh: $nproc ranks, $backend; ${cmd[*]}"
 ((dry_run)) && exit 0
 
 mkdir -p "$out" || exit 2
-rm -f "$out"/rank*.log "$out"/rank*.xml "$out"/rank*.xml.tmp "$out"/console.log
+rm -f "$out"/rank*.log "$out"/rank*.xml "$out"/rank*.xml.tmp "$out"/rank*.collected.txt \
+  "$out"/junit.xml "$out"/junit.xml.tmp "$out"/console.log
 
 # Every process of this run inherits this tag; at exit, any still alive is stopped by its pid.
 tag=${DTENSOR_ATTN_RUN_TAG:-dtensor_attn-$$-$RANDOM$RANDOM}
@@ -137,14 +140,19 @@ while kill -0 "$child" 2>/dev/null; do  # wait returned for a trapped signal: wa
   wait "$child"
   rc=$?
 done
+note=""
 if ((rc == 124 || rc == 137)); then
-  echo "run_torchrun.sh: the run exceeded --run-timeout $run_timeout s and was stopped" >&2
+  note="the run exceeded --run-timeout $run_timeout s and was stopped"
+  echo "run_torchrun.sh: $note" >&2
 fi
 
-summary_args=("$out")
-((multinode)) && summary_args+=(--this-node-only)  # each node summarises its own ranks
-"$PYTHON" "$(dirname "$0")/../dtensor_attn/testing/summary.py" "${summary_args[@]}"
+testing="$(dirname "$0")/../dtensor_attn/testing"
+node_args=()
+((multinode)) && node_args+=(--this-node-only)  # each node reports its own ranks
+"$PYTHON" "$testing/run_junit.py" "$out" "${node_args[@]}" --note "$note" || { ((rc)) || rc=1; }
+"$PYTHON" "$testing/summary.py" "$out" "${node_args[@]}"
 summary_rc=$?
 if ((rc == 0 && summary_rc != 0)); then rc=$summary_rc; fi
-echo "run_torchrun.sh: exit status $rc (logs, JUnit XML and console.log in $out)"
+echo "run_torchrun.sh: exit status $rc (CI reads $out/junit.xml; per-rank logs, JUnit XML and" \
+  "console.log there too)"
 exit "$rc"

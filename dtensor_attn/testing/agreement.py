@@ -5,11 +5,16 @@ Pure values: no store, no process group. Every rank posts a ``RankReport`` for e
 ``Verdict`` with ``judge``:
 
 - all passed (or all skipped): that outcome;
-- any rank failed, hung, got stuck or did not report: failed on every rank. The rank that failed
-  first is the root cause (its text comes first); the others are collateral;
-- a rank that hung, got stuck, or did not report cannot run the next test in step (it may still
-  sit inside a collective), and ranks whose collective counts differ on a shared group have a
-  collective pending that the next test's would pair with: the verdict then says to stop.
+- any rank failed, hung, got stuck, went silent, did not report or skipped alone: failed on
+  every rank. The root cause is the rank whose phase diverged first: it failed, hung, skipped
+  while the others went on, or went silent (exited, was killed, or holds the GIL: no report and
+  no heartbeat; its last heartbeat dates it). A rank stuck in a collective that the culprit
+  never joined, or failing because the culprit vanished ("Connection reset by peer"), is
+  collateral. Only when nobody diverged are the stuck ranks, or those that issued fewer
+  collectives, the root cause;
+- a rank that hung, got stuck, went silent or did not report cannot run the next test in step
+  (it may still sit inside a collective), and ranks whose collective counts differ on a shared
+  group have a collective pending that the next test's would pair with: the verdict says stop.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 PASSED, SKIPPED, FAILED, HUNG, STUCK = "passed", "skipped", "failed", "hung", "stuck"
-_PROBLEMS = (FAILED, HUNG, STUCK)
+SILENT = "silent"  # no report and no heartbeat: exited, killed, or holding the GIL
+_PROBLEMS = (FAILED, HUNG, STUCK, SILENT)
 MAX_TEXT_CHARS = 20_000
 
 GroupKey = tuple[tuple[int, ...], int]  # (global ranks of the group, k-th group with those ranks)
@@ -96,18 +102,74 @@ def out_of_step(reports: Mapping[int, RankReport]) -> tuple[str, tuple[int, ...]
     )
 
 
-def _line(
-    rank: int, report: RankReport | None, root: tuple[int, ...], t0: float, timeout_s: float
-) -> str:
+def silent_report(
+    rank: int, *, nodeid: str, when: str, began_phase: bool, last_beat_at: float, silent_s: float
+) -> RankReport:
+    """The report a rank that went silent would not send: no phase report and no heartbeat.
+    ``began_phase``: its last heartbeat announced this phase (else it vanished before it);
+    ``last_beat_at``: the wall time of that heartbeat, which orders it against failures."""
+    where = (f"during the {when} of {nodeid}" if began_phase
+             else f"before the {when} of {nodeid}, after its previous phase")
+    return RankReport(
+        rank=rank, outcome=SILENT, at=last_beat_at,
+        text=(f"went silent {where}: no report and no heartbeat for {silent_s:.1f} s: it "
+              "exited, was killed, or holds the GIL in a call that does not return (see its log)"),
+    )
+
+
+def _divergent_skips(present: Mapping[int, RankReport]) -> list[int]:
+    """Ranks that skipped while another rank went on (a rank-dependent skip)."""
+    skipped = [r for r, rep in sorted(present.items()) if rep.outcome == SKIPPED]
+    return skipped if len(skipped) < len(present) else []
+
+
+def _root_ranks(
+    reports: Mapping[int, RankReport | None], step: tuple[str, tuple[int, ...]] | None
+) -> tuple[int, ...]:
+    """The rank whose phase diverged first: it failed, hung, skipped alone or went silent
+    (ordered by when; a missing report last). Ranks stuck in a collective wait for that rank:
+    they are the root cause only when nobody diverged, and then the ranks that issued fewer
+    collectives (those that never joined) come before them."""
+    present = {r: rep for r, rep in reports.items() if rep is not None}
+    diverged = {r: rep.at for r, rep in present.items() if rep.outcome in (FAILED, HUNG, SILENT)}
+    diverged.update({r: present[r].at for r in _divergent_skips(present)})
+    diverged.update({r: float("inf") for r, rep in reports.items() if rep is None})
+    if diverged:
+        return (min(diverged, key=lambda r: (diverged[r], r)),)
+    if step is not None:
+        return step[1]
+    return tuple(sorted(r for r, rep in present.items() if rep.outcome == STUCK))
+
+
+_SINCE = {FAILED: "the first failure", SILENT: "rank {rank}'s last heartbeat",
+          SKIPPED: "rank {rank}'s skip", HUNG: "rank {rank} was declared hung"}
+
+
+def _line(rank: int, report: RankReport | None, root: tuple[int, ...],
+          reports: Mapping[int, RankReport | None], timeout_s: float) -> str:
     if report is None:
-        return f"rank {rank}: no report within {timeout_s:g} s: it died or hung (see its log)"
-    # A hung or stuck rank's text is one line from its watchdog: "hung: the call of ... ran past"
+        text = f"no report within {timeout_s:g} s: it died or hung (see its log)"
+        return f"rank {rank}: {text}" + (" (root cause)" if rank in root else "")
+    # A hung, stuck or silent rank's text is one line from the harness: "hung: the call of ..."
     own = report.text.splitlines()[0] if report.text else report.outcome
     if rank in root:
-        return f"rank {rank}: {own if report.outcome != FAILED else 'failed first'} (root cause)"
+        if report.outcome == FAILED:
+            return f"rank {rank}: failed first (root cause)"
+        if report.outcome == SKIPPED:
+            others = [r for r, rep in sorted(reports.items())
+                      if rep is None or rep.outcome != SKIPPED]
+            ranks = f"rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}"
+            return f"rank {rank}: skipped locally ({own}) while {ranks} did not (root cause)"
+        return f"rank {rank}: {own} (root cause)"
     if report.outcome == FAILED:
-        return f"rank {rank}: failed too, {report.at - t0:+.3f} s after the first failure"
-    if report.outcome in (HUNG, STUCK):
+        first = reports[root[0]] if len(root) == 1 else None
+        if first is None or first.outcome not in _SINCE:
+            return f"rank {rank}: failed too (collateral)"
+        since = _SINCE[first.outcome].format(rank=root[0])
+        return f"rank {rank}: failed too, {report.at - first.at:+.3f} s after {since} (collateral)"
+    if report.outcome == STUCK:
+        return f"rank {rank}: {own} (collateral)"
+    if report.outcome in (HUNG, SILENT):
         return f"rank {rank}: {own}"
     return f"rank {rank}: {report.outcome} locally; failed because another rank failed (collateral)"
 
@@ -136,23 +198,14 @@ def judge(
             ),
         )
 
+    root = _root_ranks(reports, step)
     lost = tuple(sorted(r for r, rep in problems.items() if rep is None or rep.outcome != FAILED))
-    ordered = sorted(
-        (rep.at, r)
-        for r, rep in problems.items()
-        if rep is not None and rep.outcome in (FAILED, HUNG)
-    )
-    first = ordered[0][1] if ordered else None
-    if first is not None:
-        root: tuple[int, ...] = (first,)
-    elif problems:
-        root = tuple(sorted(problems))
-    else:
-        root = step[1]
-    t0 = ordered[0][0] if ordered else min((rep.at for rep in present.values()), default=0.0)
     lines = [f"failed in {when} on rank{'s' if len(root) > 1 else ''} "
              f"{', '.join(map(str, root))} first (root cause); every rank fails it."]
-    lines += [f"  {_line(r, reports[r], root, t0, timeout_s)}" for r in sorted(reports)]
+    lines += [f"  {_line(r, reports[r], root, reports, timeout_s)}" for r in sorted(reports)]
+    if any(reports[r] is not None and reports[r].outcome == SKIPPED for r in root):
+        lines.append("  Every rank must skip alike: skip from a marker or the mesh size, never "
+                     "from the rank; the other ranks went on into collectives it never joined.")
     stop = ""
     if lost:
         states = ", ".join(
@@ -163,7 +216,7 @@ def judge(
             f"stopping the run after {nodeid} ({when}): {states}; a rank still inside a "
             "collective would pair it with the next test's collectives"
         )
-    if step is not None:
+    if step is not None and (not lost or root == step[1]):
         lines.append(f"  {step[0]}")
         stop = stop or f"stopping the run after {nodeid}: {step[0]}"
     if stop:

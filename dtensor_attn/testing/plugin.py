@@ -106,6 +106,19 @@ def pytest_configure(config: pytest.Config) -> None:
     run = TorchrunSession(env, settings)
     run.console_fd = config.stash.get(_CONSOLE, None)
     config.stash[_TORCHRUN] = run
+    config.pluginmanager.register(_CollectionErrors(run), "dtensor_attn_collection_errors")
+
+
+class _CollectionErrors:
+    """Under torchrun, a file that fails to collect is an error in JUnit (pytest then stops
+    before any test; without this the JUnit file would hold no case at all)."""
+
+    def __init__(self, run: TorchrunSession) -> None:
+        self.run = run
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.run.collection_error(report.nodeid, report.longreprtext)
 
 
 def _session(config: pytest.Config) -> TorchrunSession | None:
@@ -224,7 +237,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if (run := _session(session.config)) is not None:
         run.pytest_session = session
-        run.finish(len(getattr(session, "items", [])))
+        num_collected = len(getattr(session, "items", []))
+        session.exitstatus = run.finish(num_collected, int(session.exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -247,7 +261,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(f"root cause: rank {ranks} in {when} of {nodeid}")
     if run.stop_reason:
         terminalreporter.write_line(f"run stopped: {run.stop_reason}")
-    terminalreporter.write_line(f"per-rank logs and JUnit XML: {run.settings.out_dir}")
+    if run.no_test_ran:
+        terminalreporter.write_line(run.no_test_ran, red=True)
+    terminalreporter.write_line(f"per-rank logs and JUnit XML: {run.settings.out_dir} (the "
+                                "run-level junit.xml follows from scripts/run_torchrun.sh)")
 
 
 @pytest.hookimpl(trylast=True)

@@ -2,17 +2,26 @@
 
 Read after the run from ``rank<r>.xml`` (written test by test) and ``rank<r>.log``, so it covers
 ranks that were killed or hung as well as ranks that finished. Exit status 0 only if every rank
-finished with no failure and at least one test ran. Standard library only, so that the launcher
-can run it as a script without importing torch.
+finished with no failure and at least one test ran (ranks record a run in which every test
+skipped as the failure ``dtensor_attn::no_test_ran``). Standard library only, so that the
+launcher can run it as a script without importing torch; ``run_junit.py`` reads the same files
+through these functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from pathlib import Path
+
+if __package__:
+    from dtensor_attn.testing.junit import HARNESS, UNFINISHED
+else:  # run as a script by scripts/run_torchrun.sh: the sibling file, without importing torch
+    from junit import HARNESS, UNFINISHED
 
 ROOT_CAUSE_PROPERTY = "dtensor_attn_root_cause_ranks"  # a <property> of a failed <testcase>
 _RANK_FILE = re.compile(r"rank(\d+)\.xml$")
@@ -20,42 +29,95 @@ _PHASE_LINE = re.compile(r"\] start (setup|call|teardown) (\S.*)$")
 _EXIT_CODE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
-def _last_started(log: Path) -> str:
-    """The test this rank was last in, per its log ('' if none)."""
+def collected_path(out_dir: Path, rank: int) -> Path:
+    """The test ids a rank collected, one a line, written before its first test."""
+    return Path(out_dir) / f"rank{rank}.collected.txt"
+
+
+def read_collected(out_dir: Path, rank: int) -> list[str] | None:
+    path = collected_path(out_dir, rank)
+    return path.read_text().splitlines() if path.exists() else None
+
+
+def last_started(log: Path) -> tuple[str, str] | None:
+    """(test id, phase) this rank was last in, per its log (None if none)."""
     if not log.exists():
-        return ""
-    last = ""
+        return None
+    last = None
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("[dtensor_attn ") and (match := _PHASE_LINE.search(line)):
-            last = f"{match.group(2)} ({match.group(1)})"
+            last = (match.group(2), match.group(1))
     return last
 
 
+def _last_started(log: Path) -> str:
+    last = last_started(log)
+    return f"{last[0]} ({last[1]})" if last else ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Case:
+    """One recorded <testcase>: ``kind`` passed, failed, error or skipped."""
+
+    nodeid: str
+    kind: str
+    message: str = ""
+    text: str = ""
+    root: str | None = None
+    seconds: float = 0.0
+
+
 def read_rank(xml_path: Path) -> dict:
-    """Totals, completeness and failed tests (with root-cause ranks) of one rank's JUnit file."""
+    """Totals, completeness, cases and failed tests (with root-cause ranks) of one rank's JUnit
+    file; ``in_flight``: the test its placeholder names (the rank ended during it)."""
     try:
         suite = ET.parse(xml_path).getroot().find("testsuite")
     except ET.ParseError as error:
         return {"unreadable": str(error), "cases": {}, "counts": {}}
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    failed = {}
-    for case in suite.iter("testcase"):
-        kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-        kind = {"failure": "failed"}.get(kind, kind)
+    failed, cases, in_flight = {}, {}, ""
+    for element in suite.iter("testcase"):
+        nodeid = element.get("nodeid") or element.get("name")
+        if element.get(UNFINISHED) == "true":
+            in_flight = "" if nodeid.startswith(HARNESS) else nodeid
+            continue
+        child = next((c for c in element if c.tag in ("failure", "error", "skipped")), None)
+        tag = "passed" if child is None else child.tag
+        kind = "failed" if tag == "failure" else tag
+        root = next((p.get("value") for p in element.iter("property")
+                     if p.get("name") == ROOT_CAUSE_PROPERTY), None)
+        case = Case(nodeid, kind, "" if child is None else child.get("message", ""),
+                    "" if child is None else (child.text or ""), root,
+                    float(element.get("time", "0")))
+        cases[nodeid] = case
         counts[kind] += 1
         if kind in ("failed", "error"):
-            root = next((p.get("value") for p in case.iter("property")
-                         if p.get("name") == ROOT_CAUSE_PROPERTY), None)
-            message = next(c.get("message", "") for c in case if c.tag in ("failure", "error"))
-            failed[case.get("nodeid") or case.get("name")] = (root, message)
+            failed[nodeid] = (root, case.message)
     return {
         "counts": counts,
         "failed": failed,
+        "cases": cases,
+        "in_flight": in_flight,
         "complete": suite.get("complete") == "true",
         "world_size": int(suite.get("world_size", "0")),
         "collected": int(suite.get("collected", "-1")),
         "stop_reason": suite.get("stop_reason", ""),
     }
+
+
+def no_test_ran(num_collected: int, skip_reasons: Mapping[str, int]) -> str:
+    """Why a torchrun run tested nothing; the first line stands alone (a JUnit message)."""
+    head = (f"{num_collected} collected, every one skipped on every rank" if num_collected
+            else "no tests collected")
+    lines = [f"no test ran under torchrun: {head}; tests without a mesh marker skip here unless "
+             "--dtensor-unmarked=run. A run that tests nothing is not a pass (pytest exits 5 "
+             "when nothing ran)."]
+    lines += [f"  {n} skipped: {reason}" for reason, n in
+              sorted(skip_reasons.items(), key=lambda item: (-item[1], item[0]))]
+    lines.append("Fix: scripts/run_torchrun.sh ... -- --dtensor-unmarked=run runs tests without a "
+                 "mesh marker on every rank; or mark them @pytest.mark.mesh(...); tests whose "
+                 "mesh needs more ranks run with a larger -n.")
+    return "\n".join(lines)
 
 
 def exit_codes(console: Path) -> dict[int, int]:
@@ -67,7 +129,13 @@ def exit_codes(console: Path) -> dict[int, int]:
     return {int(rank): int(code) for rank, code in _EXIT_CODE.findall(text)}
 
 
-def _describe_exit(code: int | None) -> str:
+def rank_files(out_dir: Path) -> dict[int, Path]:
+    """{rank: its JUnit file} in ``out_dir``."""
+    return {int(m.group(1)): p for p in sorted(Path(out_dir).glob("rank*.xml"))
+            if (m := _RANK_FILE.search(p.name))}
+
+
+def describe_exit(code: int | None) -> str:
     if code is None:
         return ""
     if code < 0:
@@ -79,8 +147,7 @@ def _describe_exit(code: int | None) -> str:
 def summarize(out_dir: Path, *, this_node_only: bool = False) -> tuple[str, int]:
     """(text, exit status) for the run whose files are in ``out_dir``. ``this_node_only``: a
     multi-node run with a folder per node; ranks without files here ran on other nodes."""
-    files = {int(m.group(1)): p for p in sorted(out_dir.glob("rank*.xml"))
-             if (m := _RANK_FILE.search(p.name))}
+    files = rank_files(out_dir)
     if not files:
         return f"dtensor_attn summary: no rank<r>.xml in {out_dir}: no rank started", 1
     ranks = {rank: read_rank(path) for rank, path in files.items()}
@@ -94,7 +161,7 @@ def summarize(out_dir: Path, *, this_node_only: bool = False) -> tuple[str, int]
     killed: list[str] = []
     for rank in range(world_size):
         info = ranks.get(rank)
-        exit_text = _describe_exit(codes.get(rank))
+        exit_text = describe_exit(codes.get(rank))
         if info is None and this_node_only:
             continue
         if info is None or "unreadable" in info:
@@ -108,7 +175,7 @@ def summarize(out_dir: Path, *, this_node_only: bool = False) -> tuple[str, int]
             state = f"did not finish: ended during {where}"
             status = 1
             if codes.get(rank, -15) not in (-15, 1):  # not stopped by torchrun or by us
-                killed.append(f"rank {rank} ended{_describe_exit(codes[rank])[1:]} during {where}")
+                killed.append(f"rank {rank} ended{describe_exit(codes[rank])[1:]} during {where}")
         elif info["stop_reason"]:
             state = "stopped early (reason below)"
         else:

@@ -85,6 +85,12 @@ class RunSettings:
         return min(self.timeout_s / 3, 10.0)
 
     @property
+    def silence_s(self) -> float:
+        """How long a rank may send no heartbeat (its watchdog beats 4 times a second) before the
+        others take it for gone: exited, killed, or holding the GIL in a call that never returns."""
+        return max(self.grace_s, 2.0)
+
+    @property
     def sync_timeout_s(self) -> float:
         """Session-level waits (start, collection, end), where ranks import and collect at their
         own pace, and the process group's own timeout: longer than a phase, so that a blocked

@@ -4,14 +4,18 @@ The main thread may be blocked inside a collective (C++, GIL released) or asleep
 thread decides for it:
 
 - **hung**: the phase ran past the timeout outside any collective (a sleep, a loop, a lock);
-- **stuck**: the phase ran past the timeout waiting inside torch.distributed, or another rank
-  already failed this phase (it says so through the store) and this rank is still inside it
-  after a grace period: typically waiting in a collective that a failed rank never joined.
-  A stuck rank is collateral: the root cause is the rank that failed or hung elsewhere.
+- **stuck**: the phase ran past the timeout waiting inside torch.distributed; or, after a grace
+  period, this rank is still inside a phase that another rank already left in a way it cannot
+  follow: it failed the phase (the rank may be computing or waiting), it skipped the phase, or
+  it went silent (no heartbeat: exited, killed, or holding the GIL), and this rank waits in a
+  collective that rank will never join. A stuck rank is collateral: the root cause is the rank
+  that diverged.
 
 Either way it dumps every thread's stack into the rank log (faulthandler) and hands over to
-``declare``, which reports for this rank and ends the process. A faulthandler timer armed per
-phase dumps the stacks even when this thread cannot run (a C call holding the GIL).
+``declare``, which reports for this rank and ends the process. It also calls ``heartbeat``
+every ``beat_s``, phase or not: this thread cannot run while another holds the GIL, so the
+other ranks read a stopped heartbeat as this rank's silence. A faulthandler timer armed per
+phase dumps the stacks even when this thread cannot run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from dtensor_attn.testing.agreement import FAILED, HUNG, STUCK
+from dtensor_attn.testing.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
 
 _BACKUP_DUMP_S = 2.0  # after the timeout, in case this thread cannot take the GIL
 
@@ -38,9 +42,20 @@ class Phase:
     started: float  # time.monotonic()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """Another rank left the phase: ``kind`` FAILED or SKIPPED (it said so), or SILENT (it sent
+    no heartbeat for ``silent_s`` seconds and no report: another rank reported for it)."""
+
+    kind: str
+    rank: int
+    silent_s: float = 0.0
+
+
 class PhaseWatchdog:
-    """``peer_failed(index)`` asks the store whether another rank failed phase ``index``;
-    ``declare(phase, outcome, text)`` reports this rank as hung or stuck and ends the process."""
+    """``peer_event(index)`` asks the store whether another rank left phase ``index`` (a
+    PeerEvent or None); ``declare(phase, outcome, text)`` reports this rank as hung or stuck and
+    ends the process; ``heartbeat()`` tells the other ranks this process still runs."""
 
     def __init__(
         self,
@@ -48,16 +63,20 @@ class PhaseWatchdog:
         timeout_s: float,
         grace_s: float,
         log_file: IO[str],
-        peer_failed: Callable[[int], bool],
+        peer_event: Callable[[int], PeerEvent | None],
         declare: Callable[[Phase, str, str], None],
+        heartbeat: Callable[[], None] = lambda: None,
         poll_s: float = 0.1,
+        beat_s: float = 0.25,
     ) -> None:
         self.timeout_s = timeout_s
         self.grace_s = grace_s
         self._log_file = log_file
-        self._peer_failed = peer_failed
+        self._peer_event = peer_event
         self._declare = declare
+        self._heartbeat = heartbeat
         self._poll_s = poll_s
+        self._beat_s = beat_s
         self._lock = threading.Lock()
         self._phase: Phase | None = None
         self._declared: str | None = None
@@ -88,29 +107,39 @@ class PhaseWatchdog:
 
     def _run(self) -> None:
         watched: Phase | None = None
-        peer_failed_at: float | None = None
+        first_seen: dict[tuple[str, int], float] = {}  # PeerEvents of the watched phase
+        last_beat = 0.0
         while not self._stopping.wait(self._poll_s):
             with self._lock:
                 phase = self._phase
-            if phase is None:
-                continue
-            if phase is not watched:
-                watched, peer_failed_at = phase, None
-            if peer_failed_at is None:
-                try:
-                    if self._peer_failed(phase.index):
-                        peer_failed_at = time.monotonic()
-                except Exception as error:  # the launcher's store is gone: nobody can agree
-                    if self._fire(phase, FAILED, f"lost the launcher's store during the "
-                                  f"{phase.when} of {phase.nodeid}: {error}"):
-                        return
+            try:
+                if time.monotonic() - last_beat >= self._beat_s:
+                    last_beat = time.monotonic()
+                    self._heartbeat()
+                if phase is None:
                     continue
-            verdict = self._check(phase, peer_failed_at)
+                if phase is not watched:
+                    watched, first_seen = phase, {}
+                event = self._peer_event(phase.index)
+            except Exception as error:  # the launcher's store is gone: nobody can agree
+                if phase is not None and self._fire(
+                    phase, FAILED, f"lost the launcher's store during the {phase.when} of "
+                    f"{phase.nodeid}: {error}"
+                ):
+                    return
+                continue
+            since = None
+            if event is not None:
+                since = first_seen.setdefault((event.kind, event.rank), time.monotonic())
+            verdict = self._check(phase, event, since)
             if verdict is not None and self._fire(phase, *verdict):
                 return
 
-    def _check(self, phase: Phase, peer_failed_at: float | None) -> tuple[str, str] | None:
-        """(outcome, text) if this rank is to be declared hung or stuck now, else None."""
+    def _check(
+        self, phase: Phase, event: PeerEvent | None, since: float | None
+    ) -> tuple[str, str] | None:
+        """(outcome, text) if this rank is to be declared hung or stuck now, else None.
+        ``since``: when ``event`` began, on this clock."""
         now = time.monotonic()
         where = f"the {phase.when} of {phase.nodeid}"
         if now - phase.started > self.timeout_s:
@@ -119,11 +148,23 @@ class PhaseWatchdog:
                 return STUCK, (f"stuck: {where} ran past the {self.timeout_s:g} s timeout "
                                f"waiting in {site}, a collective another rank did not join")
             return HUNG, f"hung: {where} ran past the {self.timeout_s:g} s timeout"
-        if peer_failed_at is not None and now - peer_failed_at > self.grace_s:
-            site = self._collective_site() or "a collective"
-            return STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after another rank "
-                           f"failed it, probably waiting in {site} that rank never joined")
-        return None
+        # A silent rank was silent for longer than the grace before it was reported.
+        if event is None or (event.kind != SILENT and now - since <= self.grace_s):
+            return None
+        site = self._collective_site()
+        if event.kind == FAILED:
+            return STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
+                           f"{event.rank} failed it, probably waiting in "
+                           f"{site or 'a collective'} that rank never joined")
+        if site is None:
+            return None  # still computing: it may finish the phase itself (the timeout holds)
+        if event.kind == SKIPPED:
+            return STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
+                           f"{event.rank} skipped it, waiting in {site} that rank never joined")
+        assert event.kind == SILENT, event
+        return STUCK, (f"stuck: still in {where}, waiting in {site}, while rank {event.rank} "
+                       f"sent no heartbeat for {event.silent_s:.1f} s (it exited, was killed, "
+                       "or holds the GIL)")
 
     def _collective_site(self) -> str | None:
         """``all_reduce called from test_x.py:12`` if the test thread is inside

@@ -6,7 +6,7 @@ import pytest
 
 from dtensor_attn.testing.agreement import (
     FAILED, HUNG, PASSED, SKIPPED, STUCK, RankReport, collection_difference, group_counts, judge,
-    out_of_step,
+    out_of_step, silent_report,
 )
 
 NODE = "tests/distributed/test_x.py::test_y[tp2]"
@@ -140,3 +140,79 @@ def test_out_of_step_verdict_lists_the_lagging_rank_as_root_cause():
         "  rank 0: passed locally; failed because another rank failed (collateral)",
         "  rank 1: passed (root cause)",
     ]
+
+
+# -- the culprit is the rank that diverged first (issue #15) ---------------------------------
+
+def test_a_rank_that_skipped_alone_is_root_cause_over_the_rank_stuck_waiting_for_it():
+    reports = {0: report(0, STUCK, at=103.0, text="stuck: still in the call of x 1.7 s after "
+                         "rank 1 skipped it, waiting in all_reduce (called from t.py:9)"),
+               1: report(1, SKIPPED, at=101.3, text="Skipped: only on rank 1")}
+    verdict = judge(NODE, "call", reports, timeout_s=5)
+    assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0,)
+    lines = verdict.text.splitlines()
+    assert lines[0] == "failed in call on rank 1 first (root cause); every rank fails it."
+    assert lines[1].startswith("  rank 0: stuck: still in the call of x") and \
+        lines[1].endswith("(collateral)")
+    assert lines[2] == ("  rank 1: skipped locally (Skipped: only on rank 1) while rank 0 did "
+                        "not (root cause)")
+    assert "Every rank must skip alike" in verdict.text
+    assert "rank 0 stuck" in verdict.stop_reason
+
+
+def test_a_rank_that_went_silent_is_root_cause_over_the_connection_reset_it_caused():
+    gone = silent_report(1, nodeid=NODE, when="call", began_phase=True, last_beat_at=100.0,
+                         silent_s=2.04)
+    reports = {0: report(0, FAILED, at=100.2, text="RuntimeError: [pair.cc:537] Read error: "
+                         "Connection reset by peer"), 1: gone}
+    verdict = judge(NODE, "call", reports, timeout_s=5)
+    assert verdict.root_ranks == (1,) and verdict.lost_ranks == (1,)
+    lines = verdict.text.splitlines()
+    assert lines[0] == "failed in call on rank 1 first (root cause); every rank fails it."
+    assert lines[1] == ("  rank 0: failed too, +0.200 s after rank 1's last heartbeat "
+                        "(collateral)")
+    assert lines[2] == (f"  rank 1: went silent during the call of {NODE}: no report and no "
+                        "heartbeat for 2.0 s: it exited, was killed, or holds the GIL in a call "
+                        "that does not return (see its log) (root cause)")
+    assert "rank 1 silent" in verdict.stop_reason
+    assert "===== rank 0 (failed) =====\nRuntimeError: [pair.cc:537]" in verdict.text
+
+
+def test_a_silent_rank_is_root_cause_over_a_rank_stuck_in_a_collective():
+    # One rank holds the GIL (its watchdog cannot report); the other waits in all_reduce.
+    reports = {0: report(0, STUCK, at=104.0, text="stuck: waiting in all_reduce"),
+               1: silent_report(1, nodeid=NODE, when="call", began_phase=True,
+                                last_beat_at=101.0, silent_s=3.0)}
+    verdict = judge(NODE, "call", reports, timeout_s=5)
+    assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0, 1)
+    assert "  rank 0: stuck: waiting in all_reduce (collateral)" in verdict.text
+
+
+def test_a_rank_that_vanished_between_phases_says_so():
+    gone = silent_report(2, nodeid=NODE, when="setup", began_phase=False, last_beat_at=1.0,
+                         silent_s=4.0)
+    assert gone.text.startswith(f"went silent before the setup of {NODE}, after its previous "
+                                "phase: no report and no heartbeat for 4.0 s")
+
+
+def test_the_earliest_divergence_wins_between_a_failure_and_a_later_silence():
+    reports = {0: report(0, FAILED, at=100.0, text="AssertionError: real bug"),
+               1: silent_report(1, nodeid=NODE, when="call", began_phase=True,
+                                last_beat_at=100.9, silent_s=2.0)}
+    assert judge(NODE, "call", reports, timeout_s=5).root_ranks == (0,)
+
+
+def test_a_rank_that_passed_without_joining_is_root_cause_over_the_stuck_rank():
+    # Rank 1 returned early; rank 0 is stuck in the all_reduce rank 1 never issued.
+    reports = {0: report(0, STUCK, at=105.0, text="stuck: the call ran past the 5 s timeout",
+                         counts=group_counts([((0, 1), 3)])),
+               1: report(1, PASSED, at=100.0, counts=group_counts([((0, 1), 2)]))}
+    verdict = judge(NODE, "call", reports, timeout_s=5)
+    assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0,)
+    assert "  rank 1: passed (root cause)" in verdict.text
+    assert "rank 0 issued 3, rank 1 issued 2" in verdict.text
+
+
+def test_ranks_all_stuck_with_nobody_diverging_are_all_named():
+    reports = {r: report(r, STUCK, at=105.0 + r, text="stuck: waiting") for r in (0, 1)}
+    assert judge(NODE, "call", reports, timeout_s=5).root_ranks == (0, 1)

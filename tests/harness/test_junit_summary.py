@@ -7,23 +7,31 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from dtensor_attn.testing.junit import JUnitWriter, case_from_reports
-from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY, main, summarize
+from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY, main, read_rank, summarize
 
 
 def _suite(path):
     return ET.parse(path).getroot().find("testsuite")
 
 
+def _cases(path):
+    """[(nodeid, outcome tag or 'passed', unfinished placeholder?)] of a JUnit file."""
+    return [(c.get("nodeid"), next((x.tag for x in c), "passed"), c.get("unfinished") == "true")
+            for c in _suite(path).iter("testcase")]
+
+
 def test_junit_is_valid_after_every_case_and_totals_come_at_close(tmp_path):
     path = tmp_path / "rank1.xml"
     writer = JUnitWriter(path, rank=1, world_size=2)
-    assert list(_suite(path)) == [] and _suite(path).get("complete") is None
+    # Before any test, the file already says the rank has not finished: never green.
+    assert _cases(path) == [("dtensor_attn::rank1_unfinished", "error", True)]
+    assert _suite(path).get("complete") is None
     writer.add("tests/a.py::test_ok", outcome="passed", seconds=0.5)
     writer.add("tests/a.py::C::test_bad[x]", outcome="failed", seconds=0.1,
                message="failed in call on rank 1 first", text="trace \x00 <here> & there",
                properties={ROOT_CAUSE_PROPERTY: "1"})
     cases = list(_suite(path).iter("testcase"))  # readable mid-run, as after a SIGKILL
-    assert [c.get("name") for c in cases] == ["test_ok", "test_bad[x]"]
+    assert [c.get("name") for c in cases] == ["test_ok", "test_bad[x]", "rank1_unfinished"]
     assert cases[1].get("classname") == "tests.a.C"
     assert cases[1].get("nodeid") == "tests/a.py::C::test_bad[x]"
     assert cases[1].find("failure").text == "trace ? <here> & there"
@@ -34,8 +42,52 @@ def test_junit_is_valid_after_every_case_and_totals_come_at_close(tmp_path):
                                       "complete", "rank", "world_size", "stop_reason")} == {
         "tests": "3", "failures": "1", "errors": "0", "skipped": "1", "collected": "4",
         "complete": "true", "rank": "1", "world_size": "2", "stop_reason": "stopping the run"}
+    assert all(not unfinished for *_, unfinished in _cases(path))
     writer.add("tests/a.py::late", outcome="passed", seconds=0.0)  # ignored after close
     assert len(list(_suite(path).iter("testcase"))) == 3
+
+
+def test_a_rank_killed_during_a_test_leaves_a_file_naming_that_test_as_an_error(tmp_path):
+    path = tmp_path / "rank0.xml"
+    writer = JUnitWriter(path, rank=0, world_size=2)
+    writer.begin_test("t.py::a")
+    writer.add("t.py::a", outcome="passed", seconds=0.1)
+    writer.begin_test("t.py::long_name_in_flight[with-a-parameter]")
+    # (a SIGKILL here: nothing more is written)
+    assert _cases(path) == [("t.py::a", "passed", False),
+                            ("t.py::long_name_in_flight[with-a-parameter]", "error", True)]
+    error = list(_suite(path).iter("testcase"))[1].find("error")
+    assert error.get("message") == ("rank 0 ended during this test without recording its "
+                                    "result: killed, exited, or stopped by torchrun (see "
+                                    "rank0.log)")
+    writer.add("t.py::long_name_in_flight[with-a-parameter]", outcome="passed", seconds=0.1)
+    writer.begin_test("t.py::c")
+    writer.add("t.py::c", outcome="passed", seconds=0.1)  # a shorter tail than before
+    assert _cases(path)[-1] == ("dtensor_attn::rank0_unfinished", "error", True)
+    assert read_rank(path)["counts"] == {"passed": 3, "failed": 0, "error": 0, "skipped": 0}
+
+
+def test_tests_the_stopped_run_never_reached_are_listed_as_not_run(tmp_path):
+    path = tmp_path / "rank0.xml"
+    writer = JUnitWriter(path, rank=0, world_size=2)
+    writer.expect(["t.py::a", "t.py::b", "t.py::c"])
+    writer.add("t.py::a", outcome="failed", seconds=0.1, message="failed in call on rank 1")
+    writer.close(collected=3, stop_reason="stopping the run after t.py::a (call): rank 1 stuck")
+    assert _cases(path) == [("t.py::a", "failure", False), ("t.py::b", "skipped", False),
+                            ("t.py::c", "skipped", False)]
+    skipped = list(_suite(path).iter("testcase"))[1].find("skipped")
+    assert skipped.get("message") == ("not run: the run stopped: stopping the run after t.py::a "
+                                      "(call): rank 1 stuck")
+    assert _suite(path).get("skipped") == "2" and writer.num_ran == 1
+
+
+def test_skip_reasons_and_tests_that_ran_are_counted_apart_from_harness_cases(tmp_path):
+    writer = JUnitWriter(tmp_path / "rank0.xml", rank=0, world_size=2)
+    for name in ("a", "b"):
+        writer.add(f"t.py::{name}", outcome="skipped", seconds=0.0,
+                   message="Skipped: no mesh marker")
+    writer.add("dtensor_attn::no_test_ran", outcome="failed", seconds=0.0, message="no test ran")
+    assert writer.num_ran == 0 and writer.skip_reasons == {"no mesh marker": 2}
 
 
 def _rank_files(out, rank, cases, *, complete=True, log=""):

@@ -58,6 +58,7 @@ def test_help_lists_the_options():
     for option in ("-n NPROC", "--backend B", "--timeout S", "--out DIR", "--run-timeout S",
                    "--dry-run", "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT"):
         assert option in result.stdout
+    assert "junit.xml (the run, for CI)" in result.stdout  # where CI reads the results
 
 
 def test_setup_is_quick_and_changes_nothing_when_everything_is_installed():

@@ -33,8 +33,10 @@ def test_missing_variables_are_named_with_the_fix():
 def test_settings_derive_every_wait_from_the_phase_timeout():
     settings = RunSettings(out_dir=Path("out"), timeout_s=3)
     assert (settings.wait_timeout_s, settings.grace_s, settings.sync_timeout_s) == (5.0, 1.0, 60.0)
+    assert settings.silence_s == 2.0  # 8 heartbeats missed, whatever the grace
     default = RunSettings(out_dir=Path("out"))
     assert (default.timeout_s, default.wait_timeout_s, default.grace_s) == (120.0, 150.0, 10.0)
+    assert default.silence_s == 10.0
     assert default.sync_timeout_s == 240.0  # above a phase: the watchdog reports before gloo
     for bad in (dict(timeout_s=0), dict(backend="mpi"), dict(unmarked="maybe")):
         with pytest.raises(ValueError):

@@ -25,14 +25,14 @@ SCRIPT = REPO / "scripts" / "run_torchrun.sh"
 # --timeout of the planted runs. Runs that plant a hang use a short one (the hang is detected
 # after it); the others a long one, far above their slowest phase on a loaded machine (the
 # first DTensor op alone takes ~1.2 s on 2 idle cores). A stopped run never reaches test_dtensor.
-PHASE_TIMEOUT_S = {"raise": 5, "sleep": 5}
+PHASE_TIMEOUT_S = {"raise": 5, "sleep": 5, "skip": 5, "exit0": 5, "gil": 5}
 DEFAULT_PHASE_TIMEOUT_S = 30
 # Bound on a whole planted run (start-up of 2 ranks and torchrun included) on a loaded 2-core
 # machine; a hang that the harness failed to end would take at least the 120 s run timeout.
 RUN_BOUND_S = 60
 
 PLANTED = '''
-import os, signal, time
+import os, re, signal, time
 import pytest, torch, torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor
 from dtensor_attn.testing import assert_dtensor_close
@@ -61,6 +61,12 @@ def test_planted(mesh):
         time.sleep(600)
     if SCENARIO == "kill" and RANK == 1:
         os.kill(os.getpid(), signal.SIGKILL)
+    if SCENARIO == "skip" and RANK == 1:
+        pytest.skip("planted skip on rank 1 only")
+    if SCENARIO == "exit0" and RANK == 1:
+        os._exit(0)
+    if SCENARIO == "gil" and RANK == 1:
+        re.match(r"(a+)+$", "a" * 40 + "b")  # backtracks for hours, never releasing the GIL
     if SCENARIO == "pending":
         if RANK == 0:
             dist.all_reduce(torch.ones(1), async_op=True)  # never waited, never matched
@@ -114,6 +120,15 @@ class Run:
         """{test name: passed|failure|error|skipped} from one rank's JUnit file."""
         result = {}
         for case in self.junit(rank).iter("testcase"):
+            kinds = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
+            result[case.get("name")] = kinds[0] if kinds else "passed"
+        return result
+
+    def run_junit_outcomes(self) -> dict[str, str]:
+        """{test name: outcome} from the launcher's run-level JUnit file (out/junit.xml)."""
+        (suite,) = ET.parse(self.out_dir / "junit.xml").getroot().iter("testsuite")
+        result = {}
+        for case in suite.iter("testcase"):
             kinds = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
             result[case.get("name")] = kinds[0] if kinds else "passed"
         return result
@@ -184,7 +199,40 @@ def test_passing_suite_reports_identical_counts_on_every_rank(tmp_path):
     rows = re.findall(r"^([01])\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\b", run.output, re.M)
     assert rows == [("0", "4", "0", "0", "2"), ("1", "4", "0", "0", "2")] * 2, run.output
     assert "mesh cp=2 x tp=2 needs 4 ranks, this run has 2" in run.log(1)
+    assert run.run_junit_outcomes() == {
+        "test_first": "passed", "test_planted": "passed", "test_next": "passed",
+        "test_dtensor": "passed", "test_needs_four": "skipped", "test_unmarked": "skipped"}
     _assert_ended_cleanly(run)
+
+
+UNMARKED_ONLY = '''
+import torch, torch.distributed as dist
+
+
+def test_all_reduce():
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 2
+
+
+def test_barrier():
+    dist.barrier()
+'''
+
+
+def test_a_run_in_which_no_test_ran_fails_naming_the_option(tmp_path):
+    """Plain torch.distributed tests without a mesh marker skip under torchrun: a run that
+    tested nothing must not look like success (pytest exits 5 when nothing ran)."""
+    run = run_planted(tmp_path, "unmarked", UNMARKED_ONLY)
+    assert run.returncode != 0, run.output
+    assert "no test ran" in run.output and "--dtensor-unmarked=run" in run.output, run.output
+    assert run.run_junit_outcomes() == {
+        "no_test_ran": "failure", "test_all_reduce": "skipped", "test_barrier": "skipped"}
+    _assert_ended_cleanly(run)
+    # The fix the message names: the same tests run on every rank and pass.
+    rerun = run_planted(tmp_path, "unmarked", UNMARKED_ONLY, "--dtensor-unmarked=run")
+    assert rerun.returncode == 0, rerun.output
+    assert rerun.run_junit_outcomes() == {"test_all_reduce": "passed", "test_barrier": "passed"}
 
 
 def test_assertion_on_one_rank_fails_the_test_on_every_rank_and_the_run_goes_on(tmp_path):
@@ -316,17 +364,63 @@ STOPPING = {
         "collectives out of step on the group of ranks [0, 1]: rank 0 issued 2, rank 1 issued 1",
         "run stopped: stopping the run after test_planted.py::test_planted",
     ),
+    # The rank that diverged is the root cause; a rank waiting for it in a collective, or
+    # failing because it vanished, is collateral.
+    "skip": (
+        "failed in call on rank 1 first (root cause)",
+        "rank 1: skipped locally (Skipped: planted skip on rank 1 only) while rank 0 did not "
+        "(root cause)",
+        "rank 0: stuck: still in the call of test_planted.py::test_planted",
+        "after rank 1 skipped it, waiting in all_reduce (called from test_planted.py:",
+    ),
+    "exit0": (
+        "failed in call on rank 1 first (root cause)",
+        "rank 1: went silent during the call of test_planted.py::test_planted: no report and no "
+        "heartbeat for",
+        "rank 0: failed too, +",
+        "by peer",  # gloo: "Connection reset by peer" or "Connection closed by peer"
+    ),
+    "gil": (
+        "failed in call on rank 1 first (root cause)",
+        "rank 1: went silent during the call of test_planted.py::test_planted: no report and no "
+        "heartbeat for",
+        "rank 0: stuck: still in the call of test_planted.py::test_planted",
+        "rank 1 sent no heartbeat for",
+    ),
 }
+# The verdict header that the issue saw blame the wrong rank.
+WRONG_ROOT = ("on rank 0 first (root cause)", "on ranks 0, 1 first (root cause)")
 
 
 # Lines each rank's log must hold: the faulthandler dump of a hung or stuck rank shows where.
 SLEEP_LINE = PLANTED.splitlines().index("        time.sleep(600)") + 1
+GIL_LINE = PLANTED.splitlines().index(
+    '        re.match(r"(a+)+$", "a" * 40 + "b")  # backtracks for hours, never releasing the GIL'
+) + 1
 LOGS = {
     "raise": {0: ("stacks of every thread", "in all_reduce")},
     "sleep": {0: ("stacks of every thread", "in all_reduce"),
               1: ("stacks of every thread",
                   f'test_planted.py", line {SLEEP_LINE} in test_planted')},
     "kill": {1: ("start call test_planted.py::test_planted",)},
+    # The GIL-holding rank cannot run its watchdog; torchrun's SIGTERM dumps its stacks.
+    "gil": {1: (f'test_planted.py", line {GIL_LINE} in test_planted',)},
+}
+
+UNREACHED = ("test_next", "test_dtensor", "test_needs_four", "test_unmarked")
+# The launcher's run-level JUnit (out/junit.xml): every collected test, the broken one as a
+# failure (the agreed verdict) or an error (no rank lived to record it), the rest skipped as
+# not run.
+RUN_JUNIT = {
+    scenario: {"test_first": "passed", "test_planted": "failure",
+               **{name: "skipped" for name in UNREACHED}}
+    for scenario in ("raise", "sleep", "pending", "skip", "exit0", "gil")
+}
+RUN_JUNIT["kill"] = dict(RUN_JUNIT["raise"], test_planted="error")
+RUN_JUNIT["collect"] = {
+    "collection": "failure",
+    **{name: "skipped" for name in ("test_first", "test_planted", *UNREACHED,
+                                    "test_only_on_rank1")},
 }
 
 
@@ -336,13 +430,29 @@ def test_broken_rank_stops_the_run_naming_rank_and_test(tmp_path, scenario):
     assert run.returncode != 0, run.output
     for text in STOPPING[scenario]:
         assert text in run.output, f"missing {text!r} in:\n{run.output}"
+    for text in WRONG_ROOT:
+        assert text not in run.output, f"blames the wrong rank ({text!r}):\n{run.output}"
     for rank, texts in LOGS.get(scenario, {}).items():
         for text in texts:
             assert text in run.log(rank), f"missing {text!r} in rank {rank}'s log"
-    if scenario != "collect":
-        # Nothing runs after a broken test: its collectives could pair with a pending one.
-        for rank in (0, 1):
-            assert "test_next" not in run.outcomes(rank), run.output
+    # Nothing runs after a broken test (its collectives could pair with a pending one); every
+    # rank's JUnit still lists each test it never reached, and none is green.
+    for rank in (0, 1):
+        outcomes = run.outcomes(rank)
+        assert set(outcomes.values()) & {"failure", "error"}, (rank, outcomes)
+        if scenario != "collect":
+            assert outcomes.get("test_next") in (None, "skipped"), (rank, outcomes)
+    assert run.run_junit_outcomes() == RUN_JUNIT[scenario], run.output
+    assert "junit.xml" in run.output  # the launcher says where CI should read
+    _assert_ended_cleanly(run)
+
+
+def test_a_file_that_fails_to_collect_is_an_error_in_junit(tmp_path):
+    run = run_planted(tmp_path, "syntax", "import torch\n\ndef test_broken(:\n    pass\n")
+    assert run.returncode != 0, run.output
+    assert run.run_junit_outcomes() == {"collection_error[test_planted.py]": "error"}
+    assert all(run.outcomes(rank) == {"collection_error[test_planted.py]": "error"}
+               for rank in (0, 1))
     _assert_ended_cleanly(run)
 
 
@@ -353,6 +463,10 @@ def test_run_timeout_stops_a_run_whose_phase_limit_is_too_long(tmp_path):
     assert "the run exceeded --run-timeout 12 s and was stopped" in run.output
     assert "did not finish: ended during test_planted.py::test_planted (call)" in run.output
     assert run.leftovers == [] and run.seconds < RUN_BOUND_S
+    (suite,) = ET.parse(run.out_dir / "junit.xml").getroot().iter("testsuite")
+    assert suite.get("stop_reason") == "the run exceeded --run-timeout 12 s and was stopped"
+    outcomes = run.run_junit_outcomes()
+    assert outcomes["test_planted"] == "error" and outcomes["test_next"] == "skipped", outcomes
 
 
 def test_sigterm_to_the_launcher_stops_every_process_of_the_run(tmp_path):
@@ -418,5 +532,7 @@ def test_eight_ranks_one_raises_the_run_ends_naming_it(tmp_path):
     for rank in range(8):
         outcomes = run.outcomes(rank)
         assert outcomes["test_first"] == "passed" and outcomes["test_planted"] == "failure", (rank, outcomes)
-        assert "test_next" not in outcomes, (rank, outcomes)
+        assert outcomes.get("test_next") in (None, "skipped"), (rank, outcomes)  # never run
+    assert run.run_junit_outcomes() == {"test_first": "passed", "test_planted": "failure",
+                                        "test_next": "skipped"}
     _assert_ended_cleanly(run, EIGHT_RANK_BOUND_S)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 import types
 import xml.etree.ElementTree as ET
 
@@ -128,7 +129,8 @@ def test_junit_gets_one_case_per_test_after_teardown(sessions, tmp_path):
     for when in ("setup", "call", "teardown"):
         outcomes = ["passed", ("failed", "call", "boom")] if when == "call" else ["passed"] * 2
         _phase(sessions, outcomes, when=when)
-    _on_every_rank(sessions, lambda session: session.finish(num_collected=1))
+    statuses = _on_every_rank(sessions, lambda session: session.finish(1, exitstatus=1))
+    assert statuses == {0: 1, 1: 1}
     assert sessions[0].rank_summaries == {
         r: {"failed": 1, "stop_reason": ""} for r in (0, 1)}
     suite = ET.parse(tmp_path / "rank0.xml").getroot().find("testsuite")
@@ -137,3 +139,95 @@ def test_junit_gets_one_case_per_test_after_teardown(sessions, tmp_path):
     assert suite.get("failures") == "1" and suite.get("complete") == "true"
     log = (tmp_path / "rank0.log").read_text()
     assert "start call t.py::test_x" in log and "call t.py::test_x FAILED on every rank" in log
+
+
+def test_a_rank_that_went_silent_is_reported_for_and_named_root_cause(tmp_path):
+    """Rank 1's heartbeat stops (as when it exits, is killed or holds the GIL) after it began
+    the phase: rank 0's watchdog writes rank 1's report for it, well before the wait's end."""
+    server = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    settings = RunSettings(out_dir=tmp_path, timeout_s=12.0)  # waits 15 s; silence is 4 s
+    sessions = []
+    for rank in (0, 1):
+        env = TorchrunEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2,
+                          master_addr="localhost", master_port=server.port, run_id="s",
+                          attempt="0")
+        sessions.append(TorchrunSession(env, settings))
+        sessions[-1].open_side_channel()
+    try:
+        sessions[1].begin_phase(NODE, "setup")  # announces phase 1, then falls silent
+        sessions[1].watchdog.stop()
+        started = time.monotonic()
+        reports, item = _phase(sessions[:1], ["failed"], when="setup")
+        seconds = time.monotonic() - started
+    finally:
+        for session in sessions:
+            session.watchdog.stop()
+            session.log.close()
+    text = reports[0].longreprtext
+    assert text.startswith("failed in setup on rank 1 first (root cause)"), text
+    assert f"rank 1: went silent during the setup of {NODE}: no report and no heartbeat for " \
+        in text
+    assert "rank 1 silent" in item.session.shouldfail
+    assert settings.silence_s < seconds < settings.wait_timeout_s - 3, seconds
+    assert "rank 1 went silent in phase 1: reported for it" in (tmp_path / "rank0.log").read_text()
+
+
+def test_a_collection_difference_is_a_failure_in_junit_and_the_lists_are_written(sessions,
+                                                                                 tmp_path):
+    lists = {0: ["t.py::a"], 1: ["t.py::a", "t.py::b"]}
+    _on_every_rank(sessions, lambda s: s.check_collection(lists[s.rank]))
+    assert (tmp_path / "rank1.collected.txt").read_text() == "t.py::a\nt.py::b\n"
+    _on_every_rank(sessions, lambda s: s.finish(len(lists[s.rank]), exitstatus=2))
+    suite = ET.parse(tmp_path / "rank1.xml").getroot().find("testsuite")
+    cases = {c.get("nodeid"): c[0].tag for c in suite.iter("testcase")}
+    assert cases == {"dtensor_attn::collection": "failure", "t.py::a": "skipped",
+                     "t.py::b": "skipped"}
+    assert suite.get("failures") == "1"
+
+
+def test_a_run_in_which_every_test_skipped_exits_5_naming_the_option(sessions, tmp_path):
+    _on_every_rank(sessions, lambda s: s.check_collection([NODE]))
+    for when in ("setup", "teardown"):
+        _phase(sessions, [("skipped", when, "no mesh marker")] * 2, when=when)
+    statuses = _on_every_rank(sessions, lambda s: s.finish(1, exitstatus=0))
+    assert statuses == {0: 5, 1: 5}
+    assert "--dtensor-unmarked=run" in sessions[0].no_test_ran
+    assert "  1 skipped: no mesh marker" in sessions[0].no_test_ran
+    suite = ET.parse(tmp_path / "rank0.xml").getroot().find("testsuite")
+    assert [c.get("nodeid") for c in suite.iter("testcase")] == [NODE, "dtensor_attn::no_test_ran"]
+
+
+@pytest.mark.parametrize("beat_first", [False, True], ids=["report-first", "beat-first"])
+def test_a_late_report_does_not_overwrite_the_one_written_for_a_silent_rank(sessions,
+                                                                             beat_first):
+    """Rank 1 stalled (its heartbeat stopped, as when a call holds the GIL) long enough for
+    rank 0 to report it silent; when rank 1 resumes, its own report must not replace that one,
+    whether its watchdog beats before the report is posted or not: both ranks apply the same
+    verdict."""
+    from dtensor_attn.testing.agreement import silent_report
+
+    item = types.SimpleNamespace(nodeid=NODE, session=types.SimpleNamespace(shouldfail=False))
+    call = types.SimpleNamespace(when="call")
+    written = silent_report(1, nodeid=NODE, when="call", began_phase=True, last_beat_at=1.0,
+                            silent_s=9.0)
+    reports = {}
+
+    def rank_main(session):
+        session.begin_phase(NODE, "call")
+        session.end_phase()
+        if session.rank == 1:
+            sessions[0]._chan.post_first("phase/1/1", written.to_json())  # rank 0's watchdog
+            session._own_beat._sent -= 100.0  # ... after rank 1's heartbeat had stopped
+            if beat_first:
+                session._beat(session._chan)  # its watchdog runs again first
+        reports[session.rank] = report = _report("passed")
+        session.agree(item, call, report)
+
+    threads = [threading.Thread(target=rank_main, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert reports[0].longreprtext == reports[1].longreprtext
+    assert "rank 1: went silent during the call of t.py::test_x" in reports[1].longreprtext
