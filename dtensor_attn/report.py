@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from dtensor_attn.testing.conformance_result import CaseOutcome, ConformanceResult, Status
+from dtensor_attn.testing.kit.result import CaseOutcome, ConformanceResult, Status
 
 MARKDOWN_NAME = "conformance.md"
 HTML_NAME = "conformance.html"
@@ -73,7 +73,7 @@ def run_report(out_dir: str | Path, **options) -> Report:
 
     ``options`` narrow the matrix as in ``check_attention`` (e.g. ``meshes=("tp2",)``)."""
     from dtensor_attn.local_map_attention import LocalMapAttention
-    from dtensor_attn.testing.conformance import check_attention
+    from dtensor_attn.testing.kit.check import check_attention
 
     result = check_attention(factory=lambda config: LocalMapAttention(config.build()), name="LocalMapAttention", **options)
     return write_report([result], out_dir)

@@ -146,7 +146,7 @@ if ((rc == 124 || rc == 137)); then
   echo "run_torchrun.sh: $note" >&2
 fi
 
-testing="$(dirname "$0")/../dtensor_attn/testing"
+testing="$(dirname "$0")/../dtensor_attn/testing/harness"
 node_args=()
 ((multinode)) && node_args+=(--this-node-only)  # each node reports its own ranks
 "$PYTHON" "$testing/run_junit.py" "$out" "${node_args[@]}" --note "$note" || { ((rc)) || rc=1; }

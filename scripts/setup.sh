@@ -32,7 +32,7 @@ try:
     version("dtensor_attn")
     spec = find_spec("dtensor_attn")
     here = Path(spec.origin).resolve().parents[1] == Path(sys.argv[1]).resolve()
-    plugin = any(ep.value == "dtensor_attn.testing.plugin" for ep in entry_points(group="pytest11"))
+    plugin = any(ep.value == "dtensor_attn.testing.harness.plugin" for ep in entry_points(group="pytest11"))
     ready = ready and here and plugin and int(version("pytest").split(".")[0]) >= 8
 except PackageNotFoundError:
     ready = False

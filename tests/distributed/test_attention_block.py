@@ -38,8 +38,8 @@ from dtensor_attn import AttentionConfig, Layout, LocalMapAttention
 from dtensor_attn import _compat
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.testing import assert_dtensor_close, assert_placements
-from dtensor_attn.testing.conformance_subjects import offered_outputs
-from dtensor_attn.testing.meshspec import mesh_params
+from dtensor_attn.testing.kit.subjects import offered_outputs
+from dtensor_attn.testing.harness.meshspec import mesh_params
 from dtensor_attn.testing.reference import precision_for
 
 B, L, D, NUM_Q_HEADS, NUM_KV_HEADS, H = 2, 16, 16, 8, 4, 4

@@ -22,9 +22,9 @@ from dtensor_attn import AttentionConfig, Layout, LocalMapAttention, make_attent
 from dtensor_attn._compat import Shard, strided_shard
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.config import Backend
-from dtensor_attn.testing.conformance import DEFAULT_MESHES, assert_conforms, check_attention
-from dtensor_attn.testing.conformance_result import ConformanceError, FailureKind, Status
-from dtensor_attn.testing.conformance_subjects import offered_outputs
+from dtensor_attn.testing.kit.check import DEFAULT_MESHES, assert_conforms, check_attention
+from dtensor_attn.testing.kit.result import ConformanceError, FailureKind, Status
+from dtensor_attn.testing.kit.subjects import offered_outputs
 
 # Two meshes show both sides of most bugs: tp2 (no CP) and cp2xtp2 (CP and TP).
 NARROW = dict(meshes=("tp2", "cp2xtp2"), masks=("causal",), lse=(False,), cache_check=False)

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from dtensor_attn import _compat
 from dtensor_attn._compat import StridedShard
 from dtensor_attn.explain import PlacementExplanation, explain_placements
-from dtensor_attn.testing.simulate import simulated_mesh
+from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 MESHES = [
     {"a": 2},

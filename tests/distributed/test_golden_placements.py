@@ -23,8 +23,8 @@ from dtensor_attn import AttentionConfig, Dim, Layout, LocalMapAttention
 from dtensor_attn.backends import REGISTRY, VarlenAttention
 from dtensor_attn.placements import format_placements
 from dtensor_attn.testing import assert_golden, format_table, mesh_id
-from dtensor_attn.testing.meshspec import AXIS_DIMS, mesh_params
-from dtensor_attn.testing.conformance_subjects import offered_outputs
+from dtensor_attn.testing.harness.meshspec import AXIS_DIMS, mesh_params
+from dtensor_attn.testing.kit.subjects import offered_outputs
 from dtensor_attn.testing.golden import ACCEPT_ENV
 
 SIZES = {Dim.B: 2, Dim.L: 8, Dim.N: 4, Dim.H: 4}

@@ -18,7 +18,7 @@ from dtensor_attn import Layout, LocalMapAttention
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.config import Backend
 from dtensor_attn.report import run_report, write_report
-from dtensor_attn.testing.conformance import check_attention
+from dtensor_attn.testing.kit.check import check_attention
 
 ONE_CASE = dict(meshes=("cp2",), gqa=(True,), masks=("causal",), lse=(False,), cache_check=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtensor_attn.testing.agreement import (
+from dtensor_attn.testing.harness.agreement import (
     FAILED, HUNG, PASSED, SKIPPED, STUCK, RankReport, collection_difference, group_counts, judge,
     out_of_step, silent_report,
 )

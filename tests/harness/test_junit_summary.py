@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from dtensor_attn.testing.junit import JUnitWriter, case_from_reports
-from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY, main, read_rank, summarize
+from dtensor_attn.testing.harness.junit import JUnitWriter, case_from_reports
+from dtensor_attn.testing.harness.summary import ROOT_CAUSE_PROPERTY, main, read_rank, summarize
 
 
 def _suite(path):

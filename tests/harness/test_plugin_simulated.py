@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtensor_attn.testing.meshspec import (
+from dtensor_attn.testing.harness.meshspec import (
     describe_axes, mesh_id, validate_axes, world_size_skip_reason,
 )
 

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from dtensor_attn.testing.ranklog import RankLog, log_path
+from dtensor_attn.testing.harness.ranklog import RankLog, log_path
 
 PRINTS = """
 import os, sys
 from pathlib import Path
-from dtensor_attn.testing.ranklog import RankLog, log_path, start_rank_log
+from dtensor_attn.testing.harness.ranklog import RankLog, log_path, start_rank_log
 rank = int(sys.argv[2])
 start_rank_log(Path(sys.argv[1]), rank)
 print("pytest output of rank", rank, flush=True)

@@ -12,12 +12,12 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from dtensor_attn.testing.junit import JUnitWriter
-from dtensor_attn.testing.run_junit import main, run_cases, write_for
-from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY, Case, no_test_ran
+from dtensor_attn.testing.harness.junit import JUnitWriter
+from dtensor_attn.testing.harness.run_junit import main, run_cases, write_for
+from dtensor_attn.testing.harness.summary import ROOT_CAUSE_PROPERTY, Case, no_test_ran
 
 TESTS = ["t.py::a", "t.py::b", "t.py::c"]
-SCRIPT = Path(__file__).resolve().parents[2] / "dtensor_attn" / "testing" / "run_junit.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "dtensor_attn" / "testing" / "harness" / "run_junit.py"
 
 
 def _rank(out: Path, rank: int, *, collected=TESTS, cases=(), in_flight=None, close=None):

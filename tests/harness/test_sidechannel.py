@@ -8,8 +8,8 @@ import datetime
 import pytest
 import torch.distributed as dist
 
-from dtensor_attn.testing.agreement import SILENT, RankReport
-from dtensor_attn.testing.sidechannel import (
+from dtensor_attn.testing.harness.agreement import SILENT, RankReport
+from dtensor_attn.testing.harness.sidechannel import (
     Heartbeats, SideChannel, beat_value, parse_beat, read_divergence, report_silent_peers,
 )
 

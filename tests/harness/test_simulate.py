@@ -14,7 +14,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from dtensor_attn import _compat
 from dtensor_attn.testing import assert_dtensor_close, simulated_mesh
-from dtensor_attn.testing.simulate import SimulatedMeshes, build_simulated_mesh
+from dtensor_attn.testing.harness.simulate import SimulatedMeshes, build_simulated_mesh
 
 
 def test_simulated_mesh_runs_the_body_on_every_rank():

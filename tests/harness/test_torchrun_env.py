@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtensor_attn.testing.torchrun_env import (
+from dtensor_attn.testing.harness.torchrun_env import (
     RunSettings, TorchrunEnv, choose_backend, launched_by_torchrun,
 )
 

@@ -13,9 +13,9 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch.distributed as dist
 
-from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY
-from dtensor_attn.testing.torchrun_env import RunSettings, TorchrunEnv
-from dtensor_attn.testing.torchrun_session import TorchrunSession
+from dtensor_attn.testing.harness.summary import ROOT_CAUSE_PROPERTY
+from dtensor_attn.testing.harness.torchrun_env import RunSettings, TorchrunEnv
+from dtensor_attn.testing.harness.torchrun_session import TorchrunSession
 
 NODE = "t.py::test_x"
 
@@ -205,7 +205,7 @@ def test_a_late_report_does_not_overwrite_the_one_written_for_a_silent_rank(sess
     rank 0 to report it silent; when rank 1 resumes, its own report must not replace that one,
     whether its watchdog beats before the report is posted or not: both ranks apply the same
     verdict."""
-    from dtensor_attn.testing.agreement import silent_report
+    from dtensor_attn.testing.harness.agreement import silent_report
 
     item = types.SimpleNamespace(nodeid=NODE, session=types.SimpleNamespace(shouldfail=False))
     call = types.SimpleNamespace(when="call")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from dtensor_attn.testing.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
-from dtensor_attn.testing.watchdog import PeerEvent, PhaseWatchdog
+from dtensor_attn.testing.harness.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
+from dtensor_attn.testing.harness.watchdog import PeerEvent, PhaseWatchdog
 
 DEADLINE_S = 20.0
 

@@ -17,13 +17,13 @@ from dtensor_attn import AttentionConfig, Dim, Layout
 from dtensor_attn._compat import StridedShard
 from dtensor_attn.backends import REGISTRY
 from dtensor_attn.config import Backend
-from dtensor_attn.testing.conformance import (
+from dtensor_attn.testing.kit.check import (
     DEFAULT_MESHES, MESHES, ConformanceOptions, _combinations, _probe_calls,
 )
-from dtensor_attn.testing.conformance_cases import Call, CallSettings, _ratio_note, expected_placements
-from dtensor_attn.testing.meshspec import AXIS_DIMS
-from dtensor_attn.testing.conformance_result import CaseFailure, ConformanceResult, FailureKind
-from dtensor_attn.testing.conformance_subjects import kernel_label, offered_outputs
+from dtensor_attn.testing.kit.cases import Call, CallSettings, _ratio_note, expected_placements
+from dtensor_attn.testing.harness.meshspec import AXIS_DIMS
+from dtensor_attn.testing.kit.result import CaseFailure, ConformanceResult, FailureKind
+from dtensor_attn.testing.kit.subjects import kernel_label, offered_outputs
 
 B, L, N = Dim.B, Dim.L, Dim.N
 

@@ -22,7 +22,7 @@ from dtensor_attn.__main__ import main
 from dtensor_attn._compat import strided_shard
 from dtensor_attn.explain.message import MessageKind, read_message
 from dtensor_attn.testing.golden import assert_golden
-from dtensor_attn.testing.simulate import simulated_mesh
+from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 NOT_INTERPRETED = (  # torch 2.11, full_tensor() of the seed bug's output
     "ValueError: use_strided_shard_as_shard_order is True, but placements: "

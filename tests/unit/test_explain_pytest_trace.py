@@ -21,7 +21,7 @@ import torch
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.experimental import local_map
 
-from dtensor_attn.testing.simulate import simulated_mesh
+from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 
 def kernel(x_BLNH):

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from dtensor_attn.report import HTML_NAME, MARKDOWN_NAME, write_report
-from dtensor_attn.testing.conformance_result import (
+from dtensor_attn.testing.kit.result import (
     CaseFailure, CaseOutcome, ConformanceError, ConformanceResult, FailureKind, Status,
 )
 

@@ -22,7 +22,7 @@ from torch.distributed.tensor.experimental import local_map
 from dtensor_attn.explain.diagnose import FindingKind, Severity
 from dtensor_attn import _compat
 from dtensor_attn.explain import trace_placements
-from dtensor_attn.testing.simulate import simulated_mesh
+from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 B, L, H = 2, 4, 3
 

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 if __package__:
-    from dtensor_attn.testing.junit import HARNESS, case_xml
-    from dtensor_attn.testing.summary import (
+    from dtensor_attn.testing.harness.junit import HARNESS, case_xml
+    from dtensor_attn.testing.harness.summary import (
         ROOT_CAUSE_PROPERTY, Case, describe_exit, exit_codes, last_started, rank_files,
         read_collected, read_rank,
     )

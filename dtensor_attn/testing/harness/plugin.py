@@ -25,13 +25,13 @@ import torch
 # The placement-trace fixture (dtensor_attn.explain) comes with the harness.
 pytest_plugins = ["dtensor_attn.explain.pytest_trace"]
 
-from dtensor_attn.testing.meshspec import mesh_axes_of, num_ranks, world_size_skip_reason
-from dtensor_attn.testing.ranklog import start_rank_log
-from dtensor_attn.testing.simulate import SimulatedMeshes
-from dtensor_attn.testing.torchrun_env import (
+from dtensor_attn.testing.harness.meshspec import mesh_axes_of, num_ranks, world_size_skip_reason
+from dtensor_attn.testing.harness.ranklog import start_rank_log
+from dtensor_attn.testing.harness.simulate import SimulatedMeshes
+from dtensor_attn.testing.harness.torchrun_env import (
     BACKENDS, UNMARKED, RunSettings, TorchrunEnv, launched_by_torchrun,
 )
-from dtensor_attn.testing.torchrun_session import TorchrunSession
+from dtensor_attn.testing.harness.torchrun_session import TorchrunSession
 
 _SIMULATED = pytest.StashKey[SimulatedMeshes]()
 _TORCHRUN = pytest.StashKey[TorchrunSession]()

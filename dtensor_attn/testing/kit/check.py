@@ -19,7 +19,7 @@ default scale 1/sqrt(head_dim). Two ways to hand it over:
   (``make_attention_masks(config, positions_BL)``), as a model makes them.
 
 Every case runs on simulated ranks (one process), forward and backward, in float64, and is
-compared on every rank with the float64 reference (see conformance_cases.py). A cached-state
+compared on every rank with the float64 reference (see cases.py). A cached-state
 probe calls ONE subject on a sequence of placements and meshes, and reports a call that fails
 where a fresh subject passes. Case ids read ``varlen-TNH-cp2xtp2-gqa-docs-lse``.
 """
@@ -38,14 +38,14 @@ from dtensor_attn import _compat
 from dtensor_attn._compat import maybe_disable_local_tensor_mode
 from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
-from dtensor_attn.testing.conformance_cases import Call, CallSettings, make_call_inputs, run_call
-from dtensor_attn.testing.meshspec import AXIS_DIMS
-from dtensor_attn.testing.conformance_result import (
+from dtensor_attn.testing.kit.cases import Call, CallSettings, make_call_inputs, run_call
+from dtensor_attn.testing.harness.meshspec import AXIS_DIMS
+from dtensor_attn.testing.kit.result import (
     CaseFailure, CaseOutcome, ConformanceResult, FailureKind, Status,
 )
-from dtensor_attn.testing.conformance_subjects import Variant, factory_variants, kernel_label, subject_variant
-from dtensor_attn.testing.meshspec import mesh_id, num_ranks, validate_axes
-from dtensor_attn.testing.simulate import build_simulated_mesh, simulated_ranks
+from dtensor_attn.testing.kit.subjects import Variant, factory_variants, kernel_label, subject_variant
+from dtensor_attn.testing.harness.meshspec import mesh_id, num_ranks, validate_axes
+from dtensor_attn.testing.harness.simulate import build_simulated_mesh, simulated_ranks
 
 # Every mesh the kit knows, by id; ``meshes=`` takes these ids or axis dicts in this form.
 MESHES: Mapping[str, Mapping[str, int]] = types.MappingProxyType({

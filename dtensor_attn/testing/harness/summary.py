@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 if __package__:
-    from dtensor_attn.testing.junit import HARNESS, UNFINISHED
+    from dtensor_attn.testing.harness.junit import HARNESS, UNFINISHED
 else:  # run as a script by scripts/run_torchrun.sh: the sibling file, without importing torch
     from junit import HARNESS, UNFINISHED
 

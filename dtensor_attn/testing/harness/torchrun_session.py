@@ -29,17 +29,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dtensor_attn import _compat
-from dtensor_attn.testing.agreement import (
+from dtensor_attn.testing.harness.agreement import (
     FAILED, RankReport, Verdict, collection_difference, group_counts, judge,
 )
-from dtensor_attn.testing.junit import HARNESS, JUnitWriter, case_from_reports, junit_path
-from dtensor_attn.testing.ranklog import RankLog, log_path
-from dtensor_attn.testing.sidechannel import (
+from dtensor_attn.testing.harness.junit import HARNESS, JUnitWriter, case_from_reports, junit_path
+from dtensor_attn.testing.harness.ranklog import RankLog, log_path
+from dtensor_attn.testing.harness.sidechannel import (
     Heartbeats, OwnBeat, SideChannel, read_divergence, report_silent_peers,
 )
-from dtensor_attn.testing.summary import ROOT_CAUSE_PROPERTY, collected_path, no_test_ran
-from dtensor_attn.testing.torchrun_env import RunSettings, TorchrunEnv, choose_backend
-from dtensor_attn.testing.watchdog import PeerEvent, Phase, PhaseWatchdog
+from dtensor_attn.testing.harness.summary import ROOT_CAUSE_PROPERTY, collected_path, no_test_ran
+from dtensor_attn.testing.harness.torchrun_env import RunSettings, TorchrunEnv, choose_backend
+from dtensor_attn.testing.harness.watchdog import PeerEvent, Phase, PhaseWatchdog
 
 
 def _raise(error: Exception) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtensor_attn._compat import FakeStore, LocalTensorMode, maybe_disable_local_tensor_mode, simulate_cp_all_gather
-from dtensor_attn.testing.meshspec import num_ranks, validate_axes
+from dtensor_attn.testing.harness.meshspec import num_ranks, validate_axes
 
 MAX_SIMULATED_RANKS = 1024
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 
-from dtensor_attn.testing.agreement import SILENT, silent_report
+from dtensor_attn.testing.harness.agreement import SILENT, silent_report
 
 BEAT_S = 0.25  # heartbeat period; silence is judged over many (RunSettings.silence_s)
 

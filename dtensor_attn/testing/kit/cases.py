@@ -35,7 +35,7 @@ from dtensor_attn._compat import Partial, Replicate, Shard, maybe_disable_local_
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.placements import Placements, format_placements, normalize_placements
 from dtensor_attn.testing.asserts import rank_values
-from dtensor_attn.testing.conformance_result import CaseFailure, FailureKind
+from dtensor_attn.testing.kit.result import CaseFailure, FailureKind
 from dtensor_attn.testing.reference import AttentionInputs, make_inputs, reference_attention, to_layout
 
 OUT_LAYOUTS = (Layout.BLNH, Layout.TNH)

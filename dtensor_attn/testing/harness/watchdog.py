@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from dtensor_attn.testing.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
+from dtensor_attn.testing.harness.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
 
 _BACKUP_DUMP_S = 2.0  # after the timeout, in case this thread cannot take the GIL
 

@@ -22,7 +22,7 @@ from torch import nn
 from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
 from dtensor_attn.backends import make_attention_masks
-from dtensor_attn.testing.conformance_cases import OUT_LAYOUTS
+from dtensor_attn.testing.kit.cases import OUT_LAYOUTS
 
 
 
