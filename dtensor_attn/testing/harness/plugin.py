@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,18 +23,17 @@ import torch
 # The placement-trace fixture (dtensor_attn.explain) comes with the harness.
 pytest_plugins = ["dtensor_attn.explain.pytest_trace"]
 
-from dtensor_attn.testing.harness.meshspec import mesh_axes_of, num_ranks, world_size_skip_reason
+from dtensor_attn.testing.harness.meshspec import mesh_axes_of
 from dtensor_attn.testing.harness.ranklog import start_rank_log
-from dtensor_attn.testing.harness.simulate import SimulatedMeshes
+from dtensor_attn.testing.harness.simulate import SimulatedMode
 from dtensor_attn.testing.harness.torchrun_env import (
     BACKENDS, UNMARKED, RunSettings, TorchrunEnv, launched_by_torchrun,
 )
+from dtensor_attn.testing.harness.torchrun_plugin import TorchrunPlugin
 from dtensor_attn.testing.harness.torchrun_session import TorchrunSession
 
-_SIMULATED = pytest.StashKey[SimulatedMeshes]()
-_TORCHRUN = pytest.StashKey[TorchrunSession]()
+_MODE = pytest.StashKey[object]()  # SimulatedMode, or the registered TorchrunPlugin
 _MESH = pytest.StashKey[object]()
-_RANKS_MODE = pytest.StashKey[contextlib.ExitStack]()
 _CONSOLE = pytest.StashKey[int]()
 
 
@@ -83,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--dtensor-device cuda: torch.cuda.is_available() is False here. "
                                 "Fix: drop the option (simulated meshes on cpu) or run on a GPU machine.")
     if not _torchrun_mode(config.getoption("dtensor_mode")):
-        config.stash[_SIMULATED] = SimulatedMeshes(device)
+        config.stash[_MODE] = SimulatedMode(device)
         return
     if device != "cpu":
         raise pytest.UsageError("--dtensor-device is for simulated ranks; under torchrun every rank "
@@ -105,76 +102,17 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     run = TorchrunSession(env, settings)
     run.console_fd = config.stash.get(_CONSOLE, None)
-    config.stash[_TORCHRUN] = run
-    config.pluginmanager.register(_CollectionErrors(run), "dtensor_attn_collection_errors")
+    plugin = TorchrunPlugin(run)
+    config.stash[_MODE] = plugin
+    config.pluginmanager.register(plugin, "dtensor_attn_torchrun")
 
 
-class _CollectionErrors:
-    """Under torchrun, a file that fails to collect is an error in JUnit (pytest then stops
-    before any test; without this the JUnit file would hold no case at all)."""
-
-    def __init__(self, run: TorchrunSession) -> None:
-        self.run = run
-
-    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
-        if report.failed:
-            self.run.collection_error(report.nodeid, report.longreprtext)
-
-
-def _session(config: pytest.Config) -> TorchrunSession | None:
-    return config.stash.get(_TORCHRUN, None)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if (run := _session(session.config)) is not None:
-        run.start()
+def _mode(config: pytest.Config) -> SimulatedMode | TorchrunPlugin:
+    return config.stash[_MODE]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    run = _session(config)
-    if run is None:
-        device = config.getoption("dtensor_device")
-        return f"dtensor_attn: simulated ranks (LocalTensorMode on a fake process group), {device} meshes"
-    return (f"dtensor_attn: torchrun rank {run.rank} of {run.world_size}, backend {run.backend}, "
-            f"phase timeout {run.settings.timeout_s:g} s, logs and JUnit XML in "
-            f"{run.settings.out_dir}")
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    run = _session(session.config)
-    if run is None:
-        return
-    difference = run.check_collection([item.nodeid for item in session.items])
-    if difference is not None:
-        run.stop_reason = difference
-        pytest.exit(f"dtensor_attn: {difference}", returncode=pytest.ExitCode.INTERRUPTED)
-
-
-def _skip_reason(item: pytest.Item, axes: dict[str, int] | None) -> str | None:
-    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
-        return "needs a CUDA device; torch.cuda.is_available() is False here"
-    run = _session(item.config)
-    if run is None:
-        return None
-    if axes is None:
-        if run.settings.unmarked == "run":
-            return None
-        return ("no mesh marker: runs in simulation (plain pytest); under torchrun only mesh "
-                "tests run (--dtensor-unmarked=run to run it on every rank)")
-    return world_size_skip_reason(axes, run.world_size)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item):
-    run = _session(item.config)
-    if run is None:
-        return (yield)
-    run.begin_phase(item.nodeid, "setup")
-    try:
-        return (yield)
-    finally:
-        run.end_phase()
+    return _mode(config).header()
 
 
 @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_setup")
@@ -183,104 +121,22 @@ def pytest_runtest_setup_mesh(item: pytest.Item) -> None:
     Not a wrapper: skipping inside a wrapper would stop the inner wrappers of other plugins
     from setting up what their teardown expects."""
     axes = mesh_axes_of(item)
-    reason = _skip_reason(item, axes)
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; torch.cuda.is_available() is False here")
+    mode = _mode(item.config)
+    reason = mode.skip_reason(axes)
     if reason is not None:
         pytest.skip(reason)
-    if axes is None:
-        return
-    run = _session(item.config)
-    if run is not None:
-        item.stash[_MESH] = run.mesh(axes)
-        return
-    stack = contextlib.ExitStack()
-    item.stash[_RANKS_MODE] = stack
-    item.stash[_MESH] = item.config.stash[_SIMULATED].enter(axes, stack)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_call(item: pytest.Item):
-    run = _session(item.config)
-    if run is None:
-        return (yield)
-    run.begin_phase(item.nodeid, "call")
-    try:
-        return (yield)
-    finally:
-        run.end_phase()
+    if axes is not None:
+        item.stash[_MESH] = mode.mesh(item, axes)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    run = _session(item.config)
-    if run is not None:
-        run.begin_phase(item.nodeid, "teardown")
     try:
         return (yield)
     finally:
-        stack = item.stash.get(_RANKS_MODE, None)
-        if stack is not None:
-            del item.stash[_RANKS_MODE]
-            stack.close()
-        if run is not None:
-            run.end_phase()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
-    if (run := _session(item.config)) is not None:
-        run.agree(item, call, report)
-    return report
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if (run := _session(session.config)) is not None:
-        run.pytest_session = session
-        num_collected = len(getattr(session, "items", []))
-        session.exitstatus = run.finish(num_collected, int(session.exitstatus))
-
-
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    run = _session(config)
-    if run is None or run.rank != 0:
-        return
-    terminalreporter.write_sep("=", f"dtensor_attn: {run.world_size} torchrun ranks, {run.backend}")
-    terminalreporter.write_line(f"{'rank':<6}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
-    for rank, totals in sorted(run.rank_summaries.items()):
-        if totals is None:
-            terminalreporter.write_line(f"{rank:<6}  no summary: hung, stuck or killed (see "
-                                        f"{run.settings.out_dir}/rank{rank}.log)")
-            continue
-        terminalreporter.write_line(
-            f"{rank:<6}{totals.get('passed', 0):>8}{totals.get('failed', 0):>8}"
-            f"{totals.get('error', 0):>8}{totals.get('skipped', 0):>9}"
-        )
-    for nodeid, when, verdict in run.failures:
-        ranks = ", ".join(map(str, verdict.root_ranks))
-        terminalreporter.write_line(f"root cause: rank {ranks} in {when} of {nodeid}")
-    if run.stop_reason:
-        terminalreporter.write_line(f"run stopped: {run.stop_reason}")
-    if run.no_test_ran:
-        terminalreporter.write_line(run.no_test_ran, red=True)
-    terminalreporter.write_line(f"per-rank logs and JUnit XML: {run.settings.out_dir} (the "
-                                "run-level junit.xml follows from scripts/run_torchrun.sh)")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if (run := _session(config)) is None:
-        return
-    del config.stash[_TORCHRUN]
-    run.close()
-    # Every rank has written its results and passed the final store barrier. Exit now, all
-    # within milliseconds: torchrun stops the other workers as soon as one exits non-zero, and
-    # would otherwise SIGTERM (and then blame) a rank still in interpreter shutdown.
-    session = run.pytest_session
-    status = int(session.exitstatus) if session is not None else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+        _mode(item.config).close_test(item)
 
 
 @pytest.fixture
@@ -305,8 +161,4 @@ def mesh_axes(request: pytest.FixtureRequest) -> dict[str, int]:
 @pytest.fixture
 def world_size(request: pytest.FixtureRequest) -> int:
     """Ranks this test runs on: the mesh size (simulated), the torchrun world size otherwise."""
-    run = _session(request.config)
-    if run is not None:
-        return run.world_size
-    axes = mesh_axes_of(request.node)
-    return 1 if axes is None else num_ranks(axes)
+    return _mode(request.config).world_size(request.node)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from dtensor_attn._compat import FakeStore, LocalTensorMode, maybe_disable_local_tensor_mode, simulate_cp_all_gather
-from dtensor_attn.testing.harness.meshspec import num_ranks, validate_axes
+from dtensor_attn.testing.harness.meshspec import mesh_axes_of, num_ranks, validate_axes
 
 MAX_SIMULATED_RANKS = 1024
 
@@ -106,3 +107,35 @@ class SimulatedMeshes:
         mesh = self.get(axes)
         stack.enter_context(simulated_ranks(mesh.size()))
         return mesh
+
+
+class SimulatedMode:
+    """The harness's mode for plain pytest: each test's mesh on simulated ranks, entered at its
+    setup and left at its teardown (``TorchrunPlugin`` answers the same questions under torchrun)."""
+
+    _STACK = pytest.StashKey[contextlib.ExitStack]()
+
+    def __init__(self, device_type: str) -> None:
+        self.meshes = SimulatedMeshes(device_type)
+
+    def header(self) -> str:
+        return (f"dtensor_attn: simulated ranks (LocalTensorMode on a fake process group), "
+                f"{self.meshes.device_type} meshes")
+
+    def skip_reason(self, axes: dict[str, int] | None) -> str | None:
+        return None  # any world size fits
+
+    def mesh(self, item: pytest.Item, axes: dict[str, int]) -> DeviceMesh:
+        stack = contextlib.ExitStack()
+        item.stash[self._STACK] = stack
+        return self.meshes.enter(axes, stack)
+
+    def close_test(self, item: pytest.Item) -> None:
+        stack = item.stash.get(self._STACK, None)
+        if stack is not None:
+            del item.stash[self._STACK]
+            stack.close()
+
+    def world_size(self, item: pytest.Item) -> int:
+        axes = mesh_axes_of(item)
+        return 1 if axes is None else num_ranks(axes)
