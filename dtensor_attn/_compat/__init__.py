@@ -26,7 +26,6 @@ from dtensor_attn._compat.attention import (
     varlen_ops,
 )
 from dtensor_attn._compat.dtensor import (
-    InputDim,
     StridedShard,
     input_dim,
     packed_strided_shard_probe,

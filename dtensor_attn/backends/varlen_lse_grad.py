@@ -65,9 +65,8 @@ class VarlenWithLseGrad(torch.autograd.Function):
 
 
 def _backward_with_lse_grad(ops, grad_out_TNH, grad_lse, q_TNH, k_TNH, v_TNH, out_TNH, saved):
-    # The gradient has the kernel's LSE layout: (N, T) on every torch measured; (T, N) as documented.
-    heads_first = tuple(grad_lse.shape) == (q_TNH.shape[1], q_TNH.shape[0]) and ops.lse_heads_first is not False
-    grad_lse_TN1 = (grad_lse.transpose(0, 1) if heads_first else grad_lse)[..., None].double()
+    # The gradient has the kernel's LSE layout, which lse_tokens_heads reads as it reads the LSE.
+    grad_lse_TN1 = lse_tokens_heads(grad_lse, *q_TNH.shape[:2], ops.lse_heads_first)[..., None].double()
     grad_out_TNH = grad_out_TNH.to(out_TNH.dtype)
     # Per-row scalars in float64 (T * N of them: cheap), so no square underflows or overflows.
     norm2_TN1 = torch.linalg.vector_norm(grad_out_TNH, dim=-1, keepdim=True, dtype=torch.float64) ** 2
