@@ -5,45 +5,35 @@ T packed tokens (B*L).
 
 Given DTensor q/k/v, the wrapper validates their placements, infers the output (and LSE)
 placements by mapping q's placements through the inner module's declared layouts, states the
-gradient placements, and calls torch's ``local_map`` with all three. A mesh axis that shards
+gradient placements, and runs the kernel on local tensors with all three stated, as torch's
+``local_map`` does (dtensor_attn.attention_plan, without local_map's per-call work). A mesh axis that shards
 the sequence is context parallelism: k/v are all-gathered over it at the boundary (q stays
 sharded), each rank's queries are masked by their global sequence index, and the k/v local
 gradients are Partial on that axis. Plans are cached per (mesh, placements, shapes).
 
-Every input check runs before ``local_map`` (which all-gathers k/v under CP) and compares global
+Every input check runs before the boundary (which all-gathers k/v under CP) and compares global
 shapes and head counts, never a rank's: the pure placement inference of dtensor_attn.boundary,
 then the checks of dtensor_attn.local_map_checks (the inner module's own, on the DTensors).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.experimental import local_map
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import Placement, Replicate, Shard, StridedShard
+from dtensor_attn.attention_plan import AttentionPlan
 from dtensor_attn.backends.base import check_mask_type
 from dtensor_attn.boundary import AttentionPlacements, infer_attention_placements
 from dtensor_attn.errors import PlacementError
 from dtensor_attn.layout import Dim, Layout
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
-from dtensor_attn.local_map_checks import check_global_mask_shapes, check_global_shapes, check_kernel_outputs
+from dtensor_attn.local_map_checks import check_global_mask_shapes, check_global_shapes
 from dtensor_attn.masks import DocumentMask
 from dtensor_attn.placements import Placements, format_placements
 from dtensor_attn.protocol import InnerAttentionProtocol, check_inner_attention
-from dtensor_attn.visibility import Visibility
-
-
-@dataclasses.dataclass(slots=True)
-class _Plan:
-    placements: AttentionPlacements
-    fn: Callable
-    seq_index_args: tuple[DTensor, ...]  # (q_seq_index_L, kv_seq_index_L) under CP, else ()
 
 
 class LocalMapAttention(nn.Module):
@@ -60,7 +50,7 @@ class LocalMapAttention(nn.Module):
                 f"{self.name}: seq_order must be SeqOrder.CONTIGUOUS or SeqOrder.HEAD_TAIL, got "
                 f"{seq_order!r}. Fix: seq_order=SeqOrder.{hint.name} (from dtensor_attn import SeqOrder)."
             )
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, AttentionPlan] = {}
 
     @property
     def name(self) -> str:
@@ -71,7 +61,7 @@ class LocalMapAttention(nn.Module):
         for key, value in kwargs.items():
             if isinstance(value, DTensor):
                 raise PlacementError(
-                    f"{self.name}: keyword argument {key!r} is a DTensor; local_map maps only "
+                    f"{self.name}: keyword argument {key!r} is a DTensor; the wrapper maps only "
                     f"positional q, k, v and the mask, so the kernel would get a DTensor. "
                     f"Fix: pass it positionally or as a plain tensor."
                 )
@@ -100,18 +90,18 @@ class LocalMapAttention(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(q, k, v, mask)
-        args = [q, k, v]
-        if mask is not None:
-            q_doc_BL = _as_dtensor(mask.q_document_ids_BL, q.device_mesh)
-            same = mask.kv_document_ids_BL is mask.q_document_ids_BL
-            args += [q_doc_BL, q_doc_BL if same else _as_dtensor(mask.kv_document_ids_BL, q.device_mesh)]
-        return plan.fn(*args, *plan.seq_index_args)
+        if mask is None:
+            return plan(q, k, v)
+        mesh = q.device_mesh
+        q_doc_BL = _as_dtensor(mask.q_document_ids_BL, mesh)
+        same = mask.kv_document_ids_BL is mask.q_document_ids_BL
+        return plan(q, k, v, q_doc_BL, q_doc_BL if same else _as_dtensor(mask.kv_document_ids_BL, mesh))
 
     # -- planning (once per signature) ----------------------------------------------------
     @staticmethod
     def _key(q, k, v, mask) -> tuple:
         def sig(t):
-            return (t.device_mesh, tuple(t.placements), tuple(t.shape), t.dtype)
+            return (t.device_mesh, t.placements, t.shape, t.dtype)
 
         mask_sig = None
         if mask is not None:
@@ -121,66 +111,41 @@ class LocalMapAttention(nn.Module):
             ) + (type(mask),)
         return (sig(q), sig(k), sig(v), mask_sig)
 
-    def _plan(self, q: DTensor, k: DTensor, v: DTensor, mask) -> _Plan:
+    def _plan(self, q: DTensor, k: DTensor, v: DTensor, mask) -> AttentionPlan:
         placements = self.infer_placements(q, k, v)
-        mesh = q.device_mesh
-        layout = self.inner.in_layout
+        inner, layout = self.inner, self.inner.in_layout
         if mask is not None:
-            check_global_mask_shapes(self.name, self.inner, q, k, mask, cp=bool(placements.cp_axes))
-        seq_index_args: tuple[DTensor, ...] = ()
+            check_global_mask_shapes(self.name, inner, q, k, mask, cp=bool(placements.cp_axes))
+        seq_index_locals: tuple[torch.Tensor, ...] = ()
         if placements.cp_axes:
-            seq_index_args = self._seq_index_args(q, placements.cp_axes)
-        mask_placements = (
-            _bl_placements(placements.q, layout),
-            _bl_placements(placements.kv, layout),
-        )
-        num_out = 2 if placements.lse is not None else 1
-        # local_map reads a tuple as one entry per output: a single output's placements go as a list.
-        out_placements = (placements.out, placements.lse) if num_out == 2 else list(placements.out)
-        mask_type = None if mask is None else type(mask)
-        cp = bool(placements.cp_axes)
+            seq_index_locals = self._seq_index_locals(q, placements.cp_axes)
         # Local shapes are fixed by the key (global shapes and placements): derive them once.
         local_q_shape = tuple(q.to_local().shape)
-        sizes = self.inner.in_layout.atom_sizes(local_q_shape)
+        sizes = layout.atom_sizes(local_q_shape)
         expected_shapes = tuple(
-            (what, layout, layout.shape(sizes))
-            for what, layout in (("output", self.inner.out_layout), ("lse", self.inner.lse_layout))
-            if layout is not None
+            (what, out_layout, out_layout.shape(sizes))
+            for what, out_layout in (("output", inner.out_layout), ("lse", inner.lse_layout))
+            if out_layout is not None
         )
-
-        is_causal = self.inner.is_causal
-
-        def run(q_local, k_local, v_local, *extra_locals):
-            extra = list(extra_locals)
-            local_mask = None
-            if mask_type is not None:
-                local_mask = mask_type(q_document_ids_BL=extra.pop(0), kv_document_ids_BL=extra.pop(0))
-            visibility = Visibility(is_causal, local_mask, *(extra if cp else ()))
-            result = self.inner(q_local, k_local, v_local, visibility=visibility)
-            check_kernel_outputs(self.name, local_q_shape, result, expected_shapes)
-            return result
-
-        in_pl = [placements.q, placements.kv, placements.kv]
-        grad_pl = [placements.q_grad, placements.kv_grad, placements.kv_grad]
-        if mask is not None:
-            in_pl += list(mask_placements)
-            grad_pl += list(mask_placements)  # integer ids: no gradient flows; local_map wants one
-        for index in seq_index_args:
-            in_pl.append(tuple(index.placements))
-            grad_pl.append(tuple(index.placements))
-        mapped = local_map(
-            run,
+        out_placements = (placements.out,) if placements.lse is None else (placements.out, placements.lse)
+        return AttentionPlan(
+            module=self.name,
+            placements=placements,
+            mesh=q.device_mesh,
+            inner=inner,
+            is_causal=inner.is_causal,
+            mask_type=None if mask is None else type(mask),
+            mask_placements=(_bl_placements(placements.q, layout), _bl_placements(placements.kv, layout)),
+            seq_index_locals=seq_index_locals,
+            local_q_shape=local_q_shape,
+            expected_shapes=expected_shapes,
             out_placements=out_placements,
-            in_placements=tuple(in_pl),
-            in_grad_placements=tuple(grad_pl),
-            device_mesh=mesh,
-            redistribute_inputs=True,
         )
-        return _Plan(placements, mapped, seq_index_args)
 
-    def _seq_index_args(self, q: DTensor, cp_axes: tuple[int, ...]) -> tuple[DTensor, DTensor]:
-        """Global sequence index of each q token (sharded like q's seq) and of each gathered
-        k/v token (replicated): causal masks compare these, so every rank masks correctly."""
+    def _seq_index_locals(self, q: DTensor, cp_axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's global sequence index of each local q token (sharded like q's seq) and of
+        each gathered k/v token (all of them): causal masks compare these, so every rank masks
+        correctly. Computed once per plan, as local tensors."""
         mesh = q.device_mesh
         seq_len = q.shape[self.inner.in_layout.seq_dim]
         cp_degree = 1
@@ -189,8 +154,8 @@ class LocalMapAttention(nn.Module):
         with torch.no_grad():
             index_L = global_seq_index(self.seq_order, seq_len, cp_degree, device=mesh.device_type)
             q_placements = [Shard(0) if i in cp_axes else Replicate() for i in range(mesh.ndim)]
-            q_index_L = distribute_tensor(index_L, mesh, q_placements)
-            kv_index_L = distribute_tensor(index_L, mesh, [Replicate()] * mesh.ndim)
+            q_index_L = distribute_tensor(index_L, mesh, q_placements).to_local()
+            kv_index_L = distribute_tensor(index_L, mesh, [Replicate()] * mesh.ndim).to_local()
         return q_index_L, kv_index_L
 
     def infer_placements(self, q: DTensor, k: DTensor, v: DTensor) -> AttentionPlacements:
@@ -234,7 +199,7 @@ def _bl_placements(placements: Placements, layout: Layout) -> Placements:
 
 
 def _as_dtensor(t: torch.Tensor, mesh) -> DTensor:
-    """A global (B, L) tensor, the same on every rank, as a replicated DTensor; local_map slices
+    """A global (B, L) tensor, the same on every rank, as a replicated DTensor; the plan slices
     it as needed. from_local, not distribute_tensor: no broadcast on every forward."""
     if isinstance(t, DTensor):
         return t

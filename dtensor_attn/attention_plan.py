@@ -1,0 +1,71 @@
+"""One input signature's call of an inner attention on local tensors: LocalMapAttention's hot path.
+
+Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
+T packed tokens (B*L).
+
+An ``AttentionPlan`` is built once per (mesh, placements, global shapes, dtype) and then does,
+on every call, what torch's ``local_map`` does with all three placements stated, and nothing
+more: inputs whose placements differ from what the kernel needs are redistributed (under
+context parallelism, k/v are all-gathered over the sequence axes), every input is unwrapped as
+``to_local(grad_placements=...)`` would, the kernel runs on a ``Visibility`` whose sequence
+positions were computed at planning time, and every output is wrapped as
+``DTensor.from_local(..., run_check=False)`` would. What ``local_map`` and those two calls redo on
+every call (the pytree of arguments, per-argument placement lookups, a DTensorSpec per tensor,
+each gradient's global stride) is done once, by torch, and reused
+(``dtensor_attn._compat.LocalBoundary``). ``benchmarks/wrapper_host.py`` measures the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from dtensor_attn._compat import LocalBoundary
+from dtensor_attn.boundary import AttentionPlacements
+from dtensor_attn.local_map_checks import check_kernel_outputs
+from dtensor_attn.placements import Placements
+from dtensor_attn.visibility import Visibility
+
+
+@dataclasses.dataclass(slots=True)
+class AttentionPlan:
+    """Placements, kernel and cached metadata for one input signature (see the module doc)."""
+
+    module: str
+    placements: AttentionPlacements
+    mesh: object
+    inner: Callable
+    is_causal: bool
+    mask_type: type | None
+    mask_placements: tuple[Placements, Placements]  # (B, L) document ids of q, of k/v
+    seq_index_locals: tuple[torch.Tensor, ...]  # (q_seq_index_L, kv_seq_index_L) under CP, else ()
+    local_q_shape: tuple[int, ...]
+    expected_shapes: tuple  # (what, layout, local shape) per output, for check_kernel_outputs
+    out_placements: tuple[Placements, ...]  # one per output
+    boundary: LocalBoundary = dataclasses.field(default_factory=LocalBoundary)
+
+    def __call__(self, q: DTensor, k: DTensor, v: DTensor, q_doc_BL=None, kv_doc_BL=None):
+        pl = self.placements
+        inputs, targets, grads = [q, k, v], [pl.q, pl.kv, pl.kv], [pl.q_grad, pl.kv_grad, pl.kv_grad]
+        if self.mask_type is not None:
+            # integer ids: no gradient flows, so their grad placements are a formality
+            inputs += [q_doc_BL, kv_doc_BL]
+            targets += self.mask_placements
+            grads += self.mask_placements
+        # local_map's redistribute_inputs=True: under CP this all-gathers k/v over the seq axes
+        inputs = [t if t.placements == p else t.redistribute(t.device_mesh, p) for t, p in zip(inputs, targets)]
+        q_local, k_local, v_local, *doc_locals = self.boundary.unwrap(inputs, grads)
+        local_mask = None
+        if self.mask_type is not None:
+            local_mask = self.mask_type(q_document_ids_BL=doc_locals[0], kv_document_ids_BL=doc_locals[1])
+        visibility = Visibility(self.is_causal, local_mask, *self.seq_index_locals)
+        result = self.inner(q_local, k_local, v_local, visibility=visibility)
+        check_kernel_outputs(self.module, self.local_q_shape, result, self.expected_shapes)
+        wrap, mesh = self.boundary.wrap, self.mesh
+        if len(self.out_placements) == 1:
+            return wrap(0, result, mesh, self.out_placements[0])
+        return tuple(wrap(i, t, mesh, p) for i, (t, p) in enumerate(zip(result, self.out_placements)))
+
