@@ -1,4 +1,4 @@
-"""What LocalMapAttention costs over calling the inner attention on local tensors directly.
+"""What LocalMapAttention costs over the direct call, next to the peer pattern (torch's local_map).
 
 Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D model dim,
 T packed tokens (B*L).
@@ -8,19 +8,27 @@ One GPU, TP=2 shards: torchrun --nproc-per-node 1 benchmarks/wrapper_overhead.py
   (a 1-rank mesh whose local tensors have the shapes of one TP=2 rank: in TP the wrapper runs
   no collective, so this measures the same per-rank work and wrapper path)
 CPU smoke check:     torchrun --nproc-per-node 2 benchmarks/wrapper_overhead.py --device cpu --small-only
+CPU host path alone: python3 benchmarks/wrapper_host.py (no GPU, no torchrun)
 
-For each backend and shape: forward + backward time of the wrapped call on TP DTensors
-(Shard(2) on heads) over the direct call on the same local shards (the ratio; goal <= 1.03 at
-the large shape), and the host time per forward call in microseconds (no device sync inside
-the timed region, so it is what the CPU spends issuing the call). Each time is a run of
-``--repeats`` steps queued back to back (as a model's layers are), median of 5 such runs; both
-variants run interleaved in one process so that they share clocks and caches.
+Three variants on the same local shards: direct (the inner attention on local tensors: the
+limit), peer (torch's ``local_map`` with ``Shard(2)`` on heads declared by hand, as a model
+wraps its attention) and ours (``LocalMapAttention`` on TP DTensors, placements inferred).
+For each backend and shape:
+- fwd+bwd ratios to direct: ``--repeats`` steps queued back to back between two syncs (as a
+  model's layers are), median of 5 such runs, the three variants interleaved so that they share
+  clocks and caches (goal: ours <= 1.01 at the large shape);
+- host µs per call: what the CPU spends issuing a forward (grad enabled, as in training) and a
+  forward + backward, with no sync inside the timed calls; the minimum of 7 samples of 20
+  calls (the sample least disturbed). Host time is what a small shape exposes; at the large
+  shape the device queue can fill and stall the host, so read host columns at the small shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -30,6 +38,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from dtensor_attn import AttentionConfig, LocalMapAttention
 from dtensor_attn.backends import REGISTRY
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wrapper_host import peer_pattern  # noqa: E402  (one home for the peer pattern)
 
 SHAPES = {"large": (4, 4096, 32, 8, 128), "small": (1, 128, 8, 2, 64)}  # B, L, Nq, Nkv, H
 
@@ -55,18 +66,17 @@ def _time_steps(fn, args, grad, device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _host_forward_us(fn, args, device, calls: int) -> float:
-    """Microseconds the host spends issuing one forward (no sync inside the loop)."""
-    with torch.no_grad():
-        for _ in range(3):  # no-grad calls may pick other kernels: warm those up too
-            fn(*args)
+def _host_us(step, device, calls: int = 20, samples: int = 7) -> float:
+    """Microseconds the host spends issuing one ``step()`` (no sync inside the timed calls)."""
+    best = float("inf")
+    for _ in range(samples):
         _sync(device)
         start = time.perf_counter()
         for _ in range(calls):
-            fn(*args)
-        elapsed = time.perf_counter() - start
-        _sync(device)
-    return elapsed / calls * 1e6
+            step()
+        best = min(best, time.perf_counter() - start)
+    _sync(device)
+    return best / calls * 1e6
 
 
 def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
@@ -74,7 +84,6 @@ def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
     tp = max(mesh.size(), shard_heads)
     config = AttentionConfig(backend=backend, enable_gqa=num_q_heads != num_kv_heads)
     inner = config.build()
-    wrapped = LocalMapAttention(inner)
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
 
     def local(n):
@@ -85,17 +94,23 @@ def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
     direct_args = (q_BLNH, k_BLNH, v_BLNH)
     dt_args = tuple(DTensor.from_local(t.detach(), mesh, (Shard(2),)).requires_grad_() for t in direct_args)
     grad_dt = DTensor.from_local(grad_BLNH, mesh, (Shard(2),))
+    variants = {
+        "direct": (inner, direct_args, grad_BLNH),
+        "peer": (peer_pattern(inner, mesh), dt_args, grad_dt),
+        "ours": (LocalMapAttention(inner), dt_args, grad_dt),
+    }
     for _ in range(3):  # warm-up: compilation, plan cache, allocator
-        _step(inner, direct_args, grad_BLNH)
-        _step(wrapped, dt_args, grad_dt)
-    direct_s, wrapped_s = [], []
-    for _ in range(5):  # interleave the two so drift hits both
-        direct_s.append(_time_steps(inner, direct_args, grad_BLNH, device, repeats))
-        wrapped_s.append(_time_steps(wrapped, dt_args, grad_dt, device, repeats))
-    host_direct = _host_forward_us(inner, direct_args, device, 50)
-    host_wrapped = _host_forward_us(wrapped, dt_args, device, 50)
-    d, w = statistics.median(direct_s), statistics.median(wrapped_s)
-    return d, w, host_direct, host_wrapped
+        for fn, args, grad in variants.values():
+            _step(fn, args, grad)
+    step_s = {name: [] for name in variants}
+    for _ in range(5):  # interleave the variants so drift hits all of them
+        for name, (fn, args, grad) in variants.items():
+            step_s[name].append(_time_steps(fn, args, grad, device, repeats))
+    result = {name: {"step": statistics.median(times)} for name, times in step_s.items()}
+    for name, (fn, args, grad) in variants.items():
+        result[name]["fwd"] = _host_us(lambda fn=fn, args=args: fn(*args), device)
+        result[name]["fwd+bwd"] = _host_us(lambda fn=fn, args=args, grad=grad: _step(fn, args, grad), device)
+    return result
 
 
 def main() -> None:
@@ -107,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("tp",))
@@ -117,16 +132,21 @@ def main() -> None:
         for backend in REGISTRY:
             if device.type == "cpu" and backend.value != "sdpa":
                 continue  # CPU flex/varlen are the math kernel: not what this measures
-            d, w, hd, hw = bench(backend, shape_name, mesh, device, dtype, args.repeats, args.shard_heads)
-            rows.append((str(backend), shape_name, d * 1e3, w * 1e3, w / d, hd, hw))
+            rows.append((str(backend), shape_name, bench(backend, shape_name, mesh, device, dtype, args.repeats, args.shard_heads)))
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         tp = max(mesh.size(), args.shard_heads)
         print(f"# {name} x{dist.get_world_size()}, torch {torch.__version__}, {dtype}, local shards of TP={tp}")
-        print("| backend | shape | direct fwd+bwd ms | wrapped fwd+bwd ms | ratio | host fwd us direct | host fwd us wrapped |")
+        print("| backend | shape | direct fwd+bwd ms | ratio peer | ratio ours | host fwd µs direct / peer / ours "
+              "| host fwd+bwd µs direct / peer / ours |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        for backend, shape_name, d, w, ratio, hd, hw in rows:
-            print(f"| {backend} | {shape_name} {SHAPES[shape_name]} | {d:.3f} | {w:.3f} | {ratio:.3f} | {hd:.0f} | {hw:.0f} |")
+        for backend, shape_name, r in rows:
+            d = r["direct"]["step"]
+            host = {phase: " / ".join(f"{r[v][phase]:.0f}" for v in ("direct", "peer", "ours")) for phase in ("fwd", "fwd+bwd")}
+            print(
+                f"| {backend} | {shape_name} {SHAPES[shape_name]} | {d * 1e3:.3f} | {r['peer']['step'] / d:.3f} | "
+                f"{r['ours']['step'] / d:.3f} | {host['fwd']} | {host['fwd+bwd']} |"
+            )
     dist.destroy_process_group()
 
 
