@@ -20,59 +20,30 @@ q/k/v, as torch's CP expects:
 
 Masks: the global document mask in shard order (the one LocalMapAttention takes: made from the
 original positions, then ``permute_mask`` when load-balanced); the hook keeps each rank's rows.
-Every forward checks the boundary: the dim torch sharded or gathered must be ``seq_dim``.
+Every forward checks the boundary (``context_parallel_boundary.py``, whose names are re-exported
+here): the dim torch sharded or gathered must be ``seq_dim``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor.parallel import parallelize_module
 
 from dtensor_attn import _compat
-from dtensor_attn._compat import Replicate, Shard
-from dtensor_attn.backends import REGISTRY, InnerAttention
+from dtensor_attn._compat import Shard
+from dtensor_attn.backends import InnerAttention
 from dtensor_attn.backends.base import CPStrategy
-from dtensor_attn.config import Backend, Kernel
-from dtensor_attn.errors import PlacementError
-from dtensor_attn.layout import Layout
+from dtensor_attn.config import Kernel
+from dtensor_attn.context_parallel_boundary import (
+    KV_SHAPE_KEY, CPBoundary, ContextParallelError, attach_boundary_check, expected_boundary,
+)
 from dtensor_attn.load_balance import SeqOrder, global_seq_index
-from dtensor_attn.placements import Placements, format_placements
 from dtensor_attn.visibility import Visibility
 
-
-_KV_SHAPE_KEY = "_dtensor_attn_cp_kv_shape"  # prefix of the kwarg that carries k's local shape to the check
 _APPLIED_ATTR = "_dtensor_attn_cp_mesh"
-
-
-class ContextParallelError(PlacementError):
-    """Context parallelism asked for where it cannot run, or run with a wrong boundary."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CPBoundary:
-    """What the kernel gets on the cp axis: placements of q and of k/v at the kernel call."""
-
-    strategy: CPStrategy
-    seq_dim: int
-    q: Placements
-    kv: Placements
-
-    def row(self) -> tuple[str, ...]:
-        return (self.strategy.value, str(self.seq_dim), format_placements(self.q), format_placements(self.kv))
-
-
-def expected_boundary(layout: Layout, backend: Backend) -> CPBoundary:
-    """The boundary for a module whose public layout is ``layout`` (pure)."""
-    strategy = REGISTRY[backend].cp_strategy
-    seq = (Shard(layout.seq_dim),)
-    kv = seq if strategy is CPStrategy.RING else (Replicate(),)
-    return CPBoundary(strategy, layout.seq_dim, seq, kv)
 
 
 def apply_context_parallel(
@@ -126,62 +97,6 @@ def apply_context_parallel(
     return inners
 
 
-def attach_boundary_check(
-    inner: InnerAttention, cp_mesh: DeviceMesh, *, on_boundary: Callable[[CPBoundary], None] | None = None
-) -> None:
-    """Check, on every forward, that torch's hooks sharded or gathered ``in_layout.seq_dim``.
-
-    Attach after the CP style (apply_context_parallel does): one hook runs before all others
-    and notes k's local shape, one after torch's hooks compares. Works for any style applied
-    to the module, so a test can show it flags one built with a stale ``seq_dim``.
-    ``on_boundary`` sees each observed boundary before the comparison (golden tables).
-    """
-
-    def note_kv_shape(module, args, kwargs):
-        if _compat.local_tensor_mode_active():
-            _compat.simulate_cp_all_gather()  # else torch's gather op is silently wrong there
-        kwargs[shape_key] = tuple(args[1].shape) if len(args) > 1 else None
-        return args, kwargs
-
-    def check(module, args, kwargs):
-        kv_shape = kwargs.pop(shape_key, None)
-        observed = _observe(module, args, kv_shape, cp_mesh)
-        if on_boundary is not None:
-            on_boundary(observed)
-        expected = expected_boundary(module.in_layout, module.backend)
-        if observed != expected:
-            raise ContextParallelError(
-                f"context parallel boundary of {type(module).__name__} ({module.backend}, layout "
-                f"{module.in_layout.name}): expected {expected.strategy.value} on seq_dim "
-                f"{expected.seq_dim} (q {format_placements(expected.q)}, k/v "
-                f"{format_placements(expected.kv)} at the kernel), got seq_dim {observed.seq_dim} "
-                f"(q {format_placements(observed.q)}, k/v {format_placements(observed.kv)}). "
-                f"A CP style built with a hand-written seq_dim that does not match the layout "
-                f"shards or gathers the wrong dim. Fix: apply_context_parallel(module, cp_mesh), "
-                f"which reads seq_dim from in_layout."
-            )
-        return args, kwargs
-
-    shape_key = f"{_KV_SHAPE_KEY}_{id(note_kv_shape)}"  # one key per attached check
-    inner.register_forward_pre_hook(note_kv_shape, with_kwargs=True, prepend=True)
-    inner.register_forward_pre_hook(check, with_kwargs=True)
-
-
-def _observe(module, args, kv_shape, cp_mesh) -> CPBoundary:
-    """The boundary torch's hooks produced, read from the arguments the kernel will get."""
-    q, k = args[0], args[1]
-    if isinstance(q, DTensor):  # ring: torch wrapped the local tensors as cp-sharded DTensors
-        shard = tuple(q.placements)
-        dims = [p.dim for p in shard if isinstance(p, Shard)]
-        return CPBoundary(CPStrategy.RING, dims[0] if dims else -1, shard, tuple(k.placements))
-    # all-gather: the dim of k that grew by the cp degree is the one torch gathered
-    degree = cp_mesh.size()
-    grown = [d for d, (a, b) in enumerate(zip(kv_shape or (), k.shape)) if b == a * degree and a != b]
-    if len(grown) != 1 or any(a != b for d, (a, b) in enumerate(zip(kv_shape, k.shape)) if d not in grown):
-        return CPBoundary(CPStrategy.ALL_GATHER, -1, (), (Shard(-1),))
-    return CPBoundary(CPStrategy.ALL_GATHER, grown[0], (Shard(grown[0]),), (Replicate(),))
-
-
 def hooks_cp_mesh(inner) -> DeviceMesh | None:
     """The cp mesh apply_context_parallel put on ``inner``, or None where it applied none."""
     return getattr(inner, _APPLIED_ATTR, None)
@@ -224,7 +139,7 @@ class _RingInputCheck:
         self.load_balance = load_balance
 
     def __call__(self, module, args, kwargs):
-        extra = [k for k, v in kwargs.items() if v is not None and not k.startswith(_KV_SHAPE_KEY)
+        extra = [k for k, v in kwargs.items() if v is not None and not k.startswith(KV_SHAPE_KEY)
                  and not (k == "visibility" and v.mask is None and not v.sharded)]  # the module's own causality
         if not 3 <= len(args) <= 4 or any(a is not None for a in args[3:]) or extra:
             raise ContextParallelError(

@@ -1,6 +1,6 @@
 """The placement debugger: explain placements rank by rank, trace them through a run."""
 
-from dtensor_attn.explain.diagnose import Finding, FindingKind, Severity, TensorRecord, TraceEvent
+from dtensor_attn.explain.records import Finding, FindingKind, Severity, TensorRecord, TraceEvent
 from dtensor_attn.explain.parse import parse_mesh, parse_placement, parse_placements, parse_shape
 from dtensor_attn.explain.rank_table import PlacementExplanation, RankShard, explain_placements
 from dtensor_attn.explain.trace import PlacementTrace, trace_placements

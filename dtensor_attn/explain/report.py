@@ -3,7 +3,7 @@ then the other findings, then the event log."""
 
 from __future__ import annotations
 
-from dtensor_attn.explain.diagnose import Finding, FindingKind, Severity, headline_order
+from dtensor_attn.explain.records import Finding, FindingKind, Severity, headline_order
 
 _LABELS = {Severity.ERROR: "PROBLEM", Severity.WARNING: "warning", Severity.NOTE: "note"}
 

@@ -30,7 +30,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dtensor_attn import _compat
 from dtensor_attn._compat import TorchDispatchMode, tree_leaves
-from dtensor_attn.explain.diagnose import Finding, Severity, TensorRecord, TraceEvent, diagnose, headline_order
+from dtensor_attn.explain.diagnose import diagnose
+from dtensor_attn.explain.records import Finding, Severity, TensorRecord, TraceEvent, headline_order
 
 
 def _first_line(exc: BaseException) -> str:

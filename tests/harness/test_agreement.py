@@ -5,29 +5,30 @@ from __future__ import annotations
 import pytest
 
 from dtensor_attn.testing.harness.agreement import (
-    FAILED, HUNG, PASSED, SKIPPED, STUCK, RankReport, collection_difference, group_counts, judge,
+    RankReport, collection_difference, group_counts, judge,
     out_of_step, silent_report,
 )
+from dtensor_attn.testing.harness.outcome import Outcome
 
 NODE = "tests/distributed/test_x.py::test_y[tp2]"
 
 
-def report(rank, outcome=PASSED, at=100.0, text="", counts=()):
+def report(rank, outcome=Outcome.PASSED, at=100.0, text="", counts=()):
     return RankReport(rank=rank, outcome=outcome, at=at, text=text, counts=counts)
 
 
 def test_all_passed_or_all_skipped_is_that_outcome():
-    assert judge(NODE, "call", {0: report(0), 1: report(1)}, timeout_s=5).outcome == PASSED
-    skipped = {r: report(r, SKIPPED, text="mesh tp=4 needs 4 ranks") for r in range(2)}
+    assert judge(NODE, "call", {0: report(0), 1: report(1)}, timeout_s=5).outcome == Outcome.PASSED
+    skipped = {r: report(r, Outcome.SKIPPED, text="mesh tp=4 needs 4 ranks") for r in range(2)}
     verdict = judge(NODE, "setup", skipped, timeout_s=5)
-    assert (verdict.outcome, verdict.text, verdict.stop_reason) == (SKIPPED, "", "")
+    assert (verdict.outcome, verdict.text, verdict.stop_reason) == (Outcome.SKIPPED, "", "")
 
 
 def test_one_rank_failing_fails_every_rank_and_names_it_root_cause():
-    reports = {0: report(0), 1: report(1, FAILED, at=100.5, text="AssertionError: boom"),
+    reports = {0: report(0), 1: report(1, Outcome.FAILED, at=100.5, text="AssertionError: boom"),
                2: report(2)}
     verdict = judge(NODE, "call", reports, timeout_s=5)
-    assert verdict.outcome == FAILED and verdict.root_ranks == (1,)
+    assert verdict.outcome == Outcome.FAILED and verdict.root_ranks == (1,)
     assert verdict.lost_ranks == () and verdict.stop_reason == ""
     lines = verdict.text.splitlines()
     assert lines[0] == "failed in call on rank 1 first (root cause); every rank fails it."
@@ -37,8 +38,8 @@ def test_one_rank_failing_fails_every_rank_and_names_it_root_cause():
 
 
 def test_the_earliest_failure_is_the_root_cause_and_later_ones_are_listed():
-    reports = {0: report(0, FAILED, at=101.0, text="RuntimeError: Connection closed by peer"),
-               1: report(1, FAILED, at=100.0, text="ValueError: planted")}
+    reports = {0: report(0, Outcome.FAILED, at=101.0, text="RuntimeError: Connection closed by peer"),
+               1: report(1, Outcome.FAILED, at=100.0, text="ValueError: planted")}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,)
     assert "  rank 0: failed too, +1.000 s after the first failure" in verdict.text
@@ -47,8 +48,8 @@ def test_the_earliest_failure_is_the_root_cause_and_later_ones_are_listed():
 
 
 def test_stuck_rank_is_collateral_and_stops_the_run():
-    reports = {0: report(0, STUCK, at=103.0, text="stuck: still in the call of x 1 s after ..."),
-               1: report(1, FAILED, at=100.0, text="RuntimeError: before the all_reduce")}
+    reports = {0: report(0, Outcome.STUCK, at=103.0, text="stuck: still in the call of x 1 s after ..."),
+               1: report(1, Outcome.FAILED, at=100.0, text="RuntimeError: before the all_reduce")}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0,)
     assert "  rank 0: stuck: still in the call of x 1 s after ..." in verdict.text
@@ -56,8 +57,8 @@ def test_stuck_rank_is_collateral_and_stops_the_run():
 
 
 def test_hung_rank_is_root_cause_over_ranks_stuck_waiting_for_it():
-    reports = {0: report(0, STUCK, at=105.0, text="stuck: waiting in all_reduce"),
-               1: report(1, HUNG, at=105.1, text="hung: the call ran past the 5 s timeout")}
+    reports = {0: report(0, Outcome.STUCK, at=105.0, text="stuck: waiting in all_reduce"),
+               1: report(1, Outcome.HUNG, at=105.1, text="hung: the call ran past the 5 s timeout")}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0, 1)
     assert "  rank 1: hung: the call ran past the 5 s timeout (root cause)" in verdict.text
@@ -65,15 +66,15 @@ def test_hung_rank_is_root_cause_over_ranks_stuck_waiting_for_it():
 
 def test_missing_report_is_root_cause_when_nobody_failed_and_stops_the_run():
     verdict = judge(NODE, "teardown", {0: report(0), 1: None}, timeout_s=7)
-    assert verdict.outcome == FAILED and verdict.root_ranks == (1,) == verdict.lost_ranks
+    assert verdict.outcome == Outcome.FAILED and verdict.root_ranks == (1,) == verdict.lost_ranks
     assert "  rank 1: no report within 7 s: it died or hung (see its log)" in verdict.text
     assert "rank 1 sent no report" in verdict.stop_reason
 
 
 def test_rank_dependent_skip_is_a_failure_naming_the_skipping_rank():
-    reports = {0: report(0), 1: report(1, SKIPPED, text="only on rank 1")}
+    reports = {0: report(0), 1: report(1, Outcome.SKIPPED, text="only on rank 1")}
     verdict = judge(NODE, "setup", reports, timeout_s=5)
-    assert verdict.outcome == FAILED and verdict.root_ranks == (1,)
+    assert verdict.outcome == Outcome.FAILED and verdict.root_ranks == (1,)
     assert "skipped on ranks [1] (only on rank 1), not skipped on ranks [0]" in verdict.text
 
 
@@ -82,7 +83,7 @@ def test_pending_collective_is_out_of_step_and_stops_even_a_passing_test():
     behind = group_counts([((0, 1), 2)])
     verdict = judge(NODE, "call", {0: report(0, counts=ahead), 1: report(1, counts=behind)},
                     timeout_s=5)
-    assert verdict.outcome == FAILED and verdict.root_ranks == (1,)
+    assert verdict.outcome == Outcome.FAILED and verdict.root_ranks == (1,)
     assert "collectives out of step on the group of ranks [0, 1]: rank 0 issued 3, rank 1 " \
            "issued 2" in verdict.stop_reason
 
@@ -105,10 +106,10 @@ def test_groups_with_the_same_ranks_are_told_apart_by_creation_order():
 
 
 def test_rank_report_round_trips_through_json_and_truncates_long_text():
-    original = report(3, FAILED, at=1.5, text="x" * 30_000, counts=group_counts([((0, 3), 7)]))
+    original = report(3, Outcome.FAILED, at=1.5, text="x" * 30_000, counts=group_counts([((0, 3), 7)]))
     decoded = RankReport.from_json(original.to_json())
     assert (decoded.rank, decoded.outcome, decoded.at, decoded.counts) == (
-        3, FAILED, 1.5, original.counts)
+        3, Outcome.FAILED, 1.5, original.counts)
     assert decoded.text.startswith("[... truncated ...]\n") and len(decoded.text) < 20_100
 
 
@@ -145,9 +146,9 @@ def test_out_of_step_verdict_lists_the_lagging_rank_as_root_cause():
 # -- the culprit is the rank that diverged first (issue #15) ---------------------------------
 
 def test_a_rank_that_skipped_alone_is_root_cause_over_the_rank_stuck_waiting_for_it():
-    reports = {0: report(0, STUCK, at=103.0, text="stuck: still in the call of x 1.7 s after "
+    reports = {0: report(0, Outcome.STUCK, at=103.0, text="stuck: still in the call of x 1.7 s after "
                          "rank 1 skipped it, waiting in all_reduce (called from t.py:9)"),
-               1: report(1, SKIPPED, at=101.3, text="Skipped: only on rank 1")}
+               1: report(1, Outcome.SKIPPED, at=101.3, text="Skipped: only on rank 1")}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0,)
     lines = verdict.text.splitlines()
@@ -163,7 +164,7 @@ def test_a_rank_that_skipped_alone_is_root_cause_over_the_rank_stuck_waiting_for
 def test_a_rank_that_went_silent_is_root_cause_over_the_connection_reset_it_caused():
     gone = silent_report(1, nodeid=NODE, when="call", began_phase=True, last_beat_at=100.0,
                          silent_s=2.04)
-    reports = {0: report(0, FAILED, at=100.2, text="RuntimeError: [pair.cc:537] Read error: "
+    reports = {0: report(0, Outcome.FAILED, at=100.2, text="RuntimeError: [pair.cc:537] Read error: "
                          "Connection reset by peer"), 1: gone}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,) and verdict.lost_ranks == (1,)
@@ -180,7 +181,7 @@ def test_a_rank_that_went_silent_is_root_cause_over_the_connection_reset_it_caus
 
 def test_a_silent_rank_is_root_cause_over_a_rank_stuck_in_a_collective():
     # One rank holds the GIL (its watchdog cannot report); the other waits in all_reduce.
-    reports = {0: report(0, STUCK, at=104.0, text="stuck: waiting in all_reduce"),
+    reports = {0: report(0, Outcome.STUCK, at=104.0, text="stuck: waiting in all_reduce"),
                1: silent_report(1, nodeid=NODE, when="call", began_phase=True,
                                 last_beat_at=101.0, silent_s=3.0)}
     verdict = judge(NODE, "call", reports, timeout_s=5)
@@ -196,7 +197,7 @@ def test_a_rank_that_vanished_between_phases_says_so():
 
 
 def test_the_earliest_divergence_wins_between_a_failure_and_a_later_silence():
-    reports = {0: report(0, FAILED, at=100.0, text="AssertionError: real bug"),
+    reports = {0: report(0, Outcome.FAILED, at=100.0, text="AssertionError: real bug"),
                1: silent_report(1, nodeid=NODE, when="call", began_phase=True,
                                 last_beat_at=100.9, silent_s=2.0)}
     assert judge(NODE, "call", reports, timeout_s=5).root_ranks == (0,)
@@ -204,9 +205,9 @@ def test_the_earliest_divergence_wins_between_a_failure_and_a_later_silence():
 
 def test_a_rank_that_passed_without_joining_is_root_cause_over_the_stuck_rank():
     # Rank 1 returned early; rank 0 is stuck in the all_reduce rank 1 never issued.
-    reports = {0: report(0, STUCK, at=105.0, text="stuck: the call ran past the 5 s timeout",
+    reports = {0: report(0, Outcome.STUCK, at=105.0, text="stuck: the call ran past the 5 s timeout",
                          counts=group_counts([((0, 1), 3)])),
-               1: report(1, PASSED, at=100.0, counts=group_counts([((0, 1), 2)]))}
+               1: report(1, Outcome.PASSED, at=100.0, counts=group_counts([((0, 1), 2)]))}
     verdict = judge(NODE, "call", reports, timeout_s=5)
     assert verdict.root_ranks == (1,) and verdict.lost_ranks == (0,)
     assert "  rank 1: passed (root cause)" in verdict.text
@@ -214,5 +215,5 @@ def test_a_rank_that_passed_without_joining_is_root_cause_over_the_stuck_rank():
 
 
 def test_ranks_all_stuck_with_nobody_diverging_are_all_named():
-    reports = {r: report(r, STUCK, at=105.0 + r, text="stuck: waiting") for r in (0, 1)}
+    reports = {r: report(r, Outcome.STUCK, at=105.0 + r, text="stuck: waiting") for r in (0, 1)}
     assert judge(NODE, "call", reports, timeout_s=5).root_ranks == (0, 1)

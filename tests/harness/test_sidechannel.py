@@ -8,7 +8,8 @@ import datetime
 import pytest
 import torch.distributed as dist
 
-from dtensor_attn.testing.harness.agreement import SILENT, RankReport
+from dtensor_attn.testing.harness.agreement import RankReport
+from dtensor_attn.testing.harness.outcome import Outcome
 from dtensor_attn.testing.harness.sidechannel import (
     Heartbeats, SideChannel, beat_value, parse_beat, read_divergence, report_silent_peers,
 )
@@ -52,12 +53,12 @@ def test_a_peer_silent_past_the_limit_is_reported_for_once(channel):
     assert report_silent_peers(channel, beats, [1, 2], phase, 1e9, reported) == []
     assert report_silent_peers(channel, beats, [1, 2], phase, 2.0, reported) == [1]
     written = RankReport.from_json(channel.get("phase/5/1"))
-    assert (written.rank, written.outcome, written.at) == (1, SILENT, 1000.0)
+    assert (written.rank, written.outcome, written.at) == (1, Outcome.SILENT, 1000.0)
     assert written.text.startswith("went silent during the call of t.py::x: no report and no "
                                    "heartbeat for ")
     assert channel.get("phase/5/2") == b"rank 2's own report"  # it had reported: left alone
     outcome, rank, silent_s = read_divergence(channel, 5)
-    assert (outcome, rank) == (SILENT, 1) and silent_s > 2.0
+    assert (outcome, rank) == (Outcome.SILENT, 1) and silent_s > 2.0
     assert report_silent_peers(channel, beats, [1, 2], phase, 2.0, reported) == []  # once
     assert read_divergence(channel, 6) is None
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from dtensor_attn.testing.harness.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
+from dtensor_attn.testing.harness.outcome import Outcome
 from dtensor_attn.testing.harness.watchdog import PeerEvent, PhaseWatchdog
 
 DEADLINE_S = 20.0
@@ -56,9 +56,9 @@ def test_a_phase_past_the_timeout_is_hung_with_a_stack_dump(tmp_path):
     with watchdog(tmp_path, timeout_s=0.3) as (dog, declared, log_path):
         dog.begin(7, "t.py::slow", "call")
         wait_until(lambda: declared)
-        assert dog.end() == HUNG
+        assert dog.end() == Outcome.HUNG
     ((phase, outcome, text),) = declared
-    assert (phase.index, phase.nodeid, outcome) == (7, "t.py::slow", HUNG)
+    assert (phase.index, phase.nodeid, outcome) == (7, "t.py::slow", Outcome.HUNG)
     assert text == "hung: the call of t.py::slow ran past the 0.3 s timeout"
     log = log_path.read_text()
     assert "stacks of every thread" in log
@@ -66,14 +66,14 @@ def test_a_phase_past_the_timeout_is_hung_with_a_stack_dump(tmp_path):
 
 
 def test_a_phase_another_rank_failed_is_stuck_after_the_grace(tmp_path):
-    failed = lambda index: PeerEvent(FAILED, 3) if index == 1 else None  # noqa: E731
+    failed = lambda index: PeerEvent(Outcome.FAILED, 3) if index == 1 else None  # noqa: E731
     with watchdog(tmp_path, timeout_s=60.0, peer_event=failed) as (dog, declared, _):
         dog.begin(0, "t.py::t", "setup")  # nobody failed phase 0
         time.sleep(0.3)
         assert dog.end() is None
         dog.begin(1, "t.py::t", "call")
         wait_until(lambda: declared)
-        assert dog.end() == STUCK
+        assert dog.end() == Outcome.STUCK
     ((_, outcome, text),) = declared
     assert text == ("stuck: still in the call of t.py::t 0.1 s after rank 3 failed it, "
                     "probably waiting in a collective that rank never joined")
@@ -87,7 +87,7 @@ def test_losing_the_store_ends_the_rank(tmp_path):
         dog.begin(1, "t.py::t", "call")
         wait_until(lambda: declared)
         dog.end()
-    assert declared[0][1] == FAILED
+    assert declared[0][1] == Outcome.FAILED
     assert declared[0][2] == "lost the launcher's store during the call of t.py::t: connection " \
                              "reset"
 
@@ -115,18 +115,18 @@ def test_waiting_inside_torch_distributed_past_the_timeout_is_stuck(tmp_path, fa
     with watchdog(tmp_path, timeout_s=0.3) as (dog, declared, _):
         dog.begin(2, "t.py::t", "call")
         _wait_in_collective(fake_collective, declared)
-        assert dog.end() == STUCK
+        assert dog.end() == Outcome.STUCK
     assert declared[0][2].startswith("stuck: the call of t.py::t ran past the 0.3 s timeout "
                                      "waiting in all_reduce (called from test_watchdog.py:")
 
 
 def test_waiting_in_a_collective_after_a_peer_skipped_the_phase_is_stuck(tmp_path,
                                                                          fake_collective):
-    skipped = lambda index: PeerEvent(SKIPPED, 1)  # noqa: E731
+    skipped = lambda index: PeerEvent(Outcome.SKIPPED, 1)  # noqa: E731
     with watchdog(tmp_path, timeout_s=60.0, peer_event=skipped) as (dog, declared, _):
         dog.begin(4, "t.py::t", "call")
         _wait_in_collective(fake_collective, declared)
-        assert dog.end() == STUCK
+        assert dog.end() == Outcome.STUCK
     assert declared[0][2].startswith("stuck: still in the call of t.py::t 0.1 s after rank 1 "
                                      "skipped it, waiting in all_reduce (called from "
                                      "test_watchdog.py:")
@@ -135,7 +135,7 @@ def test_waiting_in_a_collective_after_a_peer_skipped_the_phase_is_stuck(tmp_pat
 def test_computing_after_a_peer_skipped_or_went_silent_is_left_to_finish(tmp_path):
     # A skip is legitimate and a silent peer may be far behind: only a rank waiting in a
     # collective is stuck; one still computing finishes its phase (the timeout holds).
-    events = iter([PeerEvent(SKIPPED, 1), PeerEvent(SILENT, 1, silent_s=5.0)])
+    events = iter([PeerEvent(Outcome.SKIPPED, 1), PeerEvent(Outcome.SILENT, 1, silent_s=5.0)])
     for event in events:
         with watchdog(tmp_path, timeout_s=60.0, peer_event=lambda index: event) as (
             dog, declared, _,
@@ -147,11 +147,11 @@ def test_computing_after_a_peer_skipped_or_went_silent_is_left_to_finish(tmp_pat
 
 def test_waiting_in_a_collective_while_a_peer_is_silent_is_stuck(tmp_path, fake_collective):
     # The peer's heartbeat stopped 3 s ago (it died, or holds the GIL): it will never join.
-    silent = lambda index: PeerEvent(SILENT, 1, silent_s=3.0)  # noqa: E731
+    silent = lambda index: PeerEvent(Outcome.SILENT, 1, silent_s=3.0)  # noqa: E731
     with watchdog(tmp_path, timeout_s=60.0, peer_event=silent) as (dog, declared, _):
         dog.begin(6, "t.py::t", "call")
         _wait_in_collective(fake_collective, declared)
-        assert dog.end() == STUCK
+        assert dog.end() == Outcome.STUCK
     text = declared[0][2]
     assert text.startswith("stuck: still in the call of t.py::t, waiting in all_reduce (called "
                            "from test_watchdog.py:")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import expecttest
 import pytest
 
-from dtensor_attn.explain.diagnose import FindingKind, Severity
+from dtensor_attn.explain.records import FindingKind, Severity
 from dtensor_attn._compat import Partial, Replicate, Shard, strided_shard
 from dtensor_attn.explain import PlacementTrace, TensorRecord, TraceEvent
-from dtensor_attn.explain.diagnose import check_local_map, diagnose
+from dtensor_attn.explain.diagnose import diagnose
+from dtensor_attn.explain.mislabel import check_local_map
 
 TP = dict(mesh_shape=(4,), mesh_names=("tp",))
 CP_TP = dict(mesh_shape=(2, 2), mesh_names=("cp", "tp"))

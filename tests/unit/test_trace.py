@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.experimental import local_map
 
-from dtensor_attn.explain.diagnose import FindingKind, Severity
+from dtensor_attn.explain.records import FindingKind, Severity
 from dtensor_attn import _compat
 from dtensor_attn.explain import trace_placements
 from dtensor_attn.testing.harness.simulate import simulated_mesh

@@ -24,9 +24,8 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-PASSED, SKIPPED, FAILED, HUNG, STUCK = "passed", "skipped", "failed", "hung", "stuck"
-SILENT = "silent"  # no report and no heartbeat: exited, killed, or holding the GIL
-_PROBLEMS = (FAILED, HUNG, STUCK, SILENT)
+from dtensor_attn.testing.harness.outcome import Outcome
+
 MAX_TEXT_CHARS = 20_000
 
 GroupKey = tuple[tuple[int, ...], int]  # (global ranks of the group, k-th group with those ranks)
@@ -47,10 +46,13 @@ class RankReport:
     """One rank's outcome of one phase. ``at`` is wall-clock time (orders failures across ranks)."""
 
     rank: int
-    outcome: str
+    outcome: Outcome
     at: float
     text: str = ""
     counts: tuple[tuple[GroupKey, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", Outcome(self.outcome))  # from the store: a string
 
     def to_json(self) -> str:
         text = self.text if len(self.text) <= MAX_TEXT_CHARS else (
@@ -72,7 +74,7 @@ class RankReport:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Verdict:
-    outcome: str
+    outcome: Outcome
     root_ranks: tuple[int, ...] = ()
     lost_ranks: tuple[int, ...] = ()
     text: str = ""
@@ -111,7 +113,7 @@ def silent_report(
     where = (f"during the {when} of {nodeid}" if began_phase
              else f"before the {when} of {nodeid}, after its previous phase")
     return RankReport(
-        rank=rank, outcome=SILENT, at=last_beat_at,
+        rank=rank, outcome=Outcome.SILENT, at=last_beat_at,
         text=(f"went silent {where}: no report and no heartbeat for {silent_s:.1f} s: it "
               "exited, was killed, or holds the GIL in a call that does not return (see its log)"),
     )
@@ -119,7 +121,7 @@ def silent_report(
 
 def _divergent_skips(present: Mapping[int, RankReport]) -> list[int]:
     """Ranks that skipped while another rank went on (a rank-dependent skip)."""
-    skipped = [r for r, rep in sorted(present.items()) if rep.outcome == SKIPPED]
+    skipped = [r for r, rep in sorted(present.items()) if rep.outcome is Outcome.SKIPPED]
     return skipped if len(skipped) < len(present) else []
 
 
@@ -131,18 +133,18 @@ def _root_ranks(
     they are the root cause only when nobody diverged, and then the ranks that issued fewer
     collectives (those that never joined) come before them."""
     present = {r: rep for r, rep in reports.items() if rep is not None}
-    diverged = {r: rep.at for r, rep in present.items() if rep.outcome in (FAILED, HUNG, SILENT)}
+    diverged = {r: rep.at for r, rep in present.items() if rep.outcome.diverged}
     diverged.update({r: present[r].at for r in _divergent_skips(present)})
     diverged.update({r: float("inf") for r, rep in reports.items() if rep is None})
     if diverged:
         return (min(diverged, key=lambda r: (diverged[r], r)),)
     if step is not None:
         return step[1]
-    return tuple(sorted(r for r, rep in present.items() if rep.outcome == STUCK))
+    return tuple(sorted(r for r, rep in present.items() if rep.outcome is Outcome.STUCK))
 
 
-_SINCE = {FAILED: "the first failure", SILENT: "rank {rank}'s last heartbeat",
-          SKIPPED: "rank {rank}'s skip", HUNG: "rank {rank} was declared hung"}
+_SINCE = {Outcome.FAILED: "the first failure", Outcome.SILENT: "rank {rank}'s last heartbeat",
+          Outcome.SKIPPED: "rank {rank}'s skip", Outcome.HUNG: "rank {rank} was declared hung"}
 
 
 def _line(rank: int, report: RankReport | None, root: tuple[int, ...],
@@ -153,23 +155,23 @@ def _line(rank: int, report: RankReport | None, root: tuple[int, ...],
     # A hung, stuck or silent rank's text is one line from the harness: "hung: the call of ..."
     own = report.text.splitlines()[0] if report.text else report.outcome
     if rank in root:
-        if report.outcome == FAILED:
+        if report.outcome is Outcome.FAILED:
             return f"rank {rank}: failed first (root cause)"
-        if report.outcome == SKIPPED:
+        if report.outcome is Outcome.SKIPPED:
             others = [r for r, rep in sorted(reports.items())
-                      if rep is None or rep.outcome != SKIPPED]
+                      if rep is None or rep.outcome is not Outcome.SKIPPED]
             ranks = f"rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}"
             return f"rank {rank}: skipped locally ({own}) while {ranks} did not (root cause)"
         return f"rank {rank}: {own} (root cause)"
-    if report.outcome == FAILED:
+    if report.outcome is Outcome.FAILED:
         first = reports[root[0]] if len(root) == 1 else None
         if first is None or first.outcome not in _SINCE:
             return f"rank {rank}: failed too (collateral)"
         since = _SINCE[first.outcome].format(rank=root[0])
         return f"rank {rank}: failed too, {report.at - first.at:+.3f} s after {since} (collateral)"
-    if report.outcome == STUCK:
+    if report.outcome is Outcome.STUCK:
         return f"rank {rank}: {own} (collateral)"
-    if report.outcome in (HUNG, SILENT):
+    if report.outcome in (Outcome.HUNG, Outcome.SILENT):
         return f"rank {rank}: {own}"
     return f"rank {rank}: {report.outcome} locally; failed because another rank failed (collateral)"
 
@@ -180,16 +182,16 @@ def judge(
     """The outcome every rank gives this phase; ``reports[r]`` is None if rank r never reported."""
     present = {r: rep for r, rep in reports.items() if rep is not None}
     step = out_of_step(present)
-    problems = {r: rep for r, rep in reports.items() if rep is None or rep.outcome in _PROBLEMS}
+    problems = {r: rep for r, rep in reports.items() if rep is None or rep.outcome.is_problem}
     if not problems and step is None:
         outcomes = sorted({rep.outcome for rep in present.values()})
         if len(outcomes) == 1:
             return Verdict(outcome=outcomes[0])
-        skipped = sorted(r for r, rep in present.items() if rep.outcome == SKIPPED)
+        skipped = sorted(r for r, rep in present.items() if rep.outcome is Outcome.SKIPPED)
         others = sorted(r for r in present if r not in skipped)
         reason = present[skipped[0]].text
         return Verdict(
-            outcome=FAILED,
+            outcome=Outcome.FAILED,
             root_ranks=tuple(skipped),
             text=(
                 f"ranks disagree in {when}: skipped on ranks {skipped} ({reason}), "
@@ -199,11 +201,12 @@ def judge(
         )
 
     root = _root_ranks(reports, step)
-    lost = tuple(sorted(r for r, rep in problems.items() if rep is None or rep.outcome != FAILED))
+    lost = tuple(sorted(r for r, rep in problems.items()
+                        if rep is None or rep.outcome is not Outcome.FAILED))
     lines = [f"failed in {when} on rank{'s' if len(root) > 1 else ''} "
              f"{', '.join(map(str, root))} first (root cause); every rank fails it."]
     lines += [f"  {_line(r, reports[r], root, reports, timeout_s)}" for r in sorted(reports)]
-    if any(reports[r] is not None and reports[r].outcome == SKIPPED for r in root):
+    if any(reports[r] is not None and reports[r].outcome is Outcome.SKIPPED for r in root):
         lines.append("  Every rank must skip alike: skip from a marker or the mesh size, never "
                      "from the rank; the other ranks went on into collectives it never joined.")
     stop = ""
@@ -222,11 +225,11 @@ def judge(
     if stop:
         lines.append(f"  {stop}")
     for r in (*root, *sorted(r for r in problems if r not in root)):
-        if reports[r] is not None and reports[r].text and reports[r].outcome == FAILED:
+        if reports[r] is not None and reports[r].text and reports[r].outcome is Outcome.FAILED:
             label = "root cause" if r in root else reports[r].outcome
             lines += ["", f"===== rank {r} ({label}) =====", reports[r].text.rstrip()]
     return Verdict(
-        outcome=FAILED, root_ranks=root, lost_ranks=lost, text="\n".join(lines), stop_reason=stop
+        outcome=Outcome.FAILED, root_ranks=root, lost_ranks=lost, text="\n".join(lines), stop_reason=stop
     )
 
 

@@ -25,6 +25,11 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
+if __package__:
+    from dtensor_attn.testing.harness.outcome import CaseKind
+else:  # imported by summary.py run as a script: the sibling file, without importing torch
+    from outcome import CaseKind
+
 _FOOTER = "</testsuite>\n</testsuites>\n"
 HARNESS = "dtensor_attn::"  # nodeid prefix of the harness's own cases, which are not tests
 UNFINISHED = "unfinished"  # attribute of a rank's placeholder case until it finishes
@@ -46,9 +51,9 @@ def _split_nodeid(nodeid: str) -> tuple[str, str]:
     return ".".join([module, *parts[1:-1]]), parts[-1]
 
 
-def case_xml(nodeid: str, *, outcome: str, seconds: float, message: str = "", text: str = "",
+def case_xml(nodeid: str, *, outcome: CaseKind, seconds: float, message: str = "", text: str = "",
              properties: dict[str, str] | None = None, extra: dict[str, str] | None = None) -> str:
-    """One ``<testcase>``; ``outcome`` is passed, failed, error or skipped."""
+    """One ``<testcase>``."""
     classname, name = _split_nodeid(nodeid)
     case = ET.Element(
         "testcase",
@@ -59,8 +64,8 @@ def case_xml(nodeid: str, *, outcome: str, seconds: float, message: str = "", te
         props = ET.SubElement(case, "properties")
         for key, value in properties.items():
             ET.SubElement(props, "property", {"name": key, "value": _clean(str(value))})
-    if outcome in ("failed", "error", "skipped"):
-        tag = {"failed": "failure", "error": "error", "skipped": "skipped"}[outcome]
+    tag = CaseKind(outcome).tag
+    if tag is not None:
         child = ET.SubElement(case, tag, {"message": _clean(message)[:500]})
         child.text = _clean(text)
     return ET.tostring(case, encoding="unicode") + "\n"
@@ -81,7 +86,7 @@ class JUnitWriter:
         }
         self._lock = threading.Lock()
         self._cases: list[str] = []
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[CaseKind] = Counter()
         self.num_ran = 0  # tests (not harness cases) that passed, failed or errored
         self.skip_reasons: Counter[str] = Counter()
         self._expected: list[str] = []
@@ -109,7 +114,7 @@ class JUnitWriter:
         else:
             nodeid = f"{HARNESS}rank{self.rank}_unfinished"
             message = f"rank {self.rank} ended before finishing its session (see {log})"
-        placeholder = case_xml(nodeid, outcome="error", seconds=0.0, message=message,
+        placeholder = case_xml(nodeid, outcome=CaseKind.ERROR, seconds=0.0, message=message,
                                text=f"{message}; the launcher's junit.xml has the whole run",
                                extra={UNFINISHED: "true"})
         self._file.seek(self._body_end)
@@ -132,13 +137,14 @@ class JUnitWriter:
         self,
         nodeid: str,
         *,
-        outcome: str,
+        outcome: CaseKind,
         seconds: float,
         message: str = "",
         text: str = "",
         properties: dict[str, str] | None = None,
     ) -> None:
-        """One test's result; ``outcome`` is passed, failed, error or skipped."""
+        """One test's result."""
+        outcome = CaseKind(outcome)
         xml = case_xml(nodeid, outcome=outcome, seconds=seconds, message=message, text=text,
                        properties=properties)
         with self._lock:
@@ -148,8 +154,8 @@ class JUnitWriter:
             self._recorded.add(nodeid)
             self.counts[outcome] += 1
             if not nodeid.startswith(HARNESS):
-                self.num_ran += outcome != "skipped"
-                if outcome == "skipped":
+                self.num_ran += outcome is not CaseKind.SKIPPED
+                if outcome is CaseKind.SKIPPED:
                     self.skip_reasons[message.removeprefix("Skipped: ")] += 1
             self._file.seek(self._body_end)
             self._file.write(xml)
@@ -165,7 +171,7 @@ class JUnitWriter:
                "it (pytest -x, --maxfail or an interruption)")
         for nodeid in self._expected:
             if nodeid not in self._recorded:
-                self.add(nodeid, outcome="skipped", seconds=0.0,
+                self.add(nodeid, outcome=CaseKind.SKIPPED, seconds=0.0,
                          message=f"not run: {why.splitlines()[0]}", text=why)
         with self._lock:
             if self._file.closed:
@@ -174,9 +180,9 @@ class JUnitWriter:
             attrs = dict(self._attrs)
             attrs.update(
                 tests=str(sum(self.counts.values())),
-                failures=str(self.counts["failed"]),
-                errors=str(self.counts["error"]),
-                skipped=str(self.counts["skipped"]),
+                failures=str(self.counts[CaseKind.FAILED]),
+                errors=str(self.counts[CaseKind.ERROR]),
+                skipped=str(self.counts[CaseKind.SKIPPED]),
                 time=f"{time.monotonic() - self._start:.3f}",
                 collected=str(collected),
                 complete="true" if complete else "false",
@@ -194,15 +200,15 @@ class JUnitWriter:
 def case_from_reports(reports: list) -> dict:
     """``JUnitWriter.add`` arguments for one test from its pytest phase reports (setup, call,
     teardown): a failed call is a failure, a failed setup or teardown an error."""
-    outcome, message, texts = "passed", "", []
+    outcome, message, texts = CaseKind.PASSED, "", []
     for report in reports:
         if report.failed:
-            kind = "failed" if report.when == "call" else "error"
-            if outcome not in ("failed", "error"):
-                outcome, message = kind, report.longreprtext.strip().split("\n")[0]
+            if not outcome.is_problem:
+                outcome = CaseKind.of_failed_phase(report.when)
+                message = report.longreprtext.strip().split("\n")[0]
             texts.append(f"--- {report.when} ---\n{report.longreprtext}")
-        elif report.skipped and outcome == "passed":
-            outcome = "skipped"
+        elif report.skipped and outcome is CaseKind.PASSED:
+            outcome = CaseKind.SKIPPED
             longrepr = report.longrepr
             message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
     properties = {name: str(value) for report in reports for name, value in report.user_properties}

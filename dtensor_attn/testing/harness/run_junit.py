@@ -28,25 +28,26 @@ from pathlib import Path
 
 if __package__:
     from dtensor_attn.testing.harness.junit import HARNESS, case_xml
+    from dtensor_attn.testing.harness.outcome import CaseKind
     from dtensor_attn.testing.harness.summary import (
         ROOT_CAUSE_PROPERTY, Case, describe_exit, exit_codes, last_started, rank_files,
         read_collected, read_rank,
     )
 else:  # run as a script by scripts/run_torchrun.sh: the sibling files, without importing torch
     from junit import HARNESS, case_xml
+    from outcome import CaseKind
     from summary import (
         ROOT_CAUSE_PROPERTY, Case, describe_exit, exit_codes, last_started, rank_files,
         read_collected, read_rank,
     )
 
 RUN_JUNIT = "junit.xml"
-_SEVERITY = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
 _SIGTERM = -15  # how torchrun stops the other ranks once one has failed
 
 
 def _worst(cases: list[Case]) -> Case:
     """The case every rank should have agreed on: the worst, the root-cause carrier first."""
-    return max(cases, key=lambda case: (_SEVERITY[case.kind], case.root is not None))
+    return max(cases, key=lambda case: (case.kind.severity, case.root is not None))
 
 
 def run_cases(
@@ -81,7 +82,7 @@ def run_cases(
         order += [n for n in collected[rank] if n not in order]
     order += [n for n in recorded if n not in order]  # e.g. a collection error's file
 
-    cases = [Case(f"{HARNESS}rank{r}_never_started", "error",
+    cases = [Case(f"{HARNESS}rank{r}_never_started", CaseKind.ERROR,
                   f"rank {r} left no files: it never started (see console.log)")
              for r in missing_ranks]
     for nodeid in order:
@@ -93,11 +94,11 @@ def run_cases(
             named = [ends[r] + (" (root cause)" if r in known else "") for r in root]
             named += [ends[r] for r in flying if r not in root]
             message = f"no rank recorded a result: {'; '.join(named)}"
-            cases.append(Case(nodeid, "error", message, f"{message}\nrun stopped: {stop}",
+            cases.append(Case(nodeid, CaseKind.ERROR, message, f"{message}\nrun stopped: {stop}",
                               ",".join(map(str, root))))
         else:
             why = stop.splitlines()[0] if stop else "no rank reached it"
-            cases.append(Case(nodeid, "skipped", f"not run: {why}", stop))
+            cases.append(Case(nodeid, CaseKind.SKIPPED, f"not run: {why}", stop))
     return cases, stop
 
 
@@ -105,8 +106,8 @@ def write_run_junit(path: Path, cases: list[Case], *, world_size: int, stop: str
                     complete: bool) -> None:
     kinds = [case.kind for case in cases]
     attrs = {"name": f"dtensor_attn torchrun, {world_size} ranks", "tests": str(len(cases)),
-             "failures": str(kinds.count("failed")), "errors": str(kinds.count("error")),
-             "skipped": str(kinds.count("skipped")),
+             "failures": str(kinds.count(CaseKind.FAILED)),
+             "errors": str(kinds.count(CaseKind.ERROR)), "skipped": str(kinds.count(CaseKind.SKIPPED)),
              "time": f"{sum(case.seconds for case in cases):.3f}",
              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "hostname": socket.gethostname(),
              "world_size": str(world_size), "complete": "true" if complete else "false"}
@@ -140,7 +141,7 @@ def write_for(out_dir: Path, *, this_node_only: bool = False, note: str = "") ->
     cases, stop = run_cases(collected, ranks, in_flight, exit_codes(out_dir / "console.log"),
                             missing_ranks=missing, note=note)
     if not cases:
-        cases = [Case(f"{HARNESS}run", "error", f"no rank left its files in {out_dir}: the run "
+        cases = [Case(f"{HARNESS}run", CaseKind.ERROR, f"no rank left its files in {out_dir}: the run "
                       "never started (see console.log)")]
     complete = bool(ranks) and all(info["complete"] for info in ranks.values()) and not missing
     path = Path(out_dir) / RUN_JUNIT

@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 
-from dtensor_attn.testing.harness.agreement import SILENT, silent_report
+from dtensor_attn.testing.harness.agreement import RankReport, silent_report
+from dtensor_attn.testing.harness.outcome import Outcome
 
 BEAT_S = 0.25  # heartbeat period; silence is judged over many (RunSettings.silence_s)
 
@@ -205,14 +206,21 @@ def report_silent_peers(
         report = silent_report(rank, nodeid=nodeid, when=when, began_phase=last[0] >= n,
                                last_beat_at=last[1], silent_s=silent_s).to_json()
         if chan.post_first(f"phase/{n}/{rank}", report).decode() == report:
-            chan.post_first(f"diverged/{n}", f"{SILENT} {rank} {silent_s:.1f}")
+            chan.post_first(f"diverged/{n}", f"{Outcome.SILENT} {rank} {silent_s:.1f}")
             done.append(rank)
     return done
 
 
-def read_divergence(chan: SideChannel, index: int) -> tuple[str, int, float] | None:
+def read_divergence(chan: SideChannel, index: int) -> tuple[Outcome, int, float] | None:
     """(outcome, rank, seconds silent) of a rank that left phase ``index`` early, or None."""
     if not chan.has(f"diverged/{index}"):
         return None
     outcome, rank, *silent_s = chan.get(f"diverged/{index}").decode().split()
-    return outcome, int(rank), float(silent_s[0]) if silent_s else 0.0
+    return Outcome(outcome), int(rank), float(silent_s[0]) if silent_s else 0.0
+
+
+def read_phase_reports(chan: SideChannel, n: int, ranks: Iterable[int],
+                       timeout_s: float) -> dict[int, RankReport | None]:
+    """Every rank's report of phase n (a silent rank's written for it), None if missing."""
+    raw = chan.gather(f"phase/{n}", ranks, timeout_s)
+    return {r: None if v is None else RankReport.from_json(v) for r, v in raw.items()}

@@ -20,8 +20,10 @@ from pathlib import Path
 
 if __package__:
     from dtensor_attn.testing.harness.junit import HARNESS, UNFINISHED
-else:  # run as a script by scripts/run_torchrun.sh: the sibling file, without importing torch
+    from dtensor_attn.testing.harness.outcome import RESULT_TAGS, CaseKind
+else:  # run as a script by scripts/run_torchrun.sh: the sibling files, without importing torch
     from junit import HARNESS, UNFINISHED
+    from outcome import RESULT_TAGS, CaseKind
 
 ROOT_CAUSE_PROPERTY = "dtensor_attn_root_cause_ranks"  # a <property> of a failed <testcase>
 _RANK_FILE = re.compile(r"rank(\d+)\.xml$")
@@ -57,14 +59,17 @@ def _last_started(log: Path) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Case:
-    """One recorded <testcase>: ``kind`` passed, failed, error or skipped."""
+    """One recorded <testcase>."""
 
     nodeid: str
-    kind: str
+    kind: CaseKind
     message: str = ""
     text: str = ""
     root: str | None = None
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", CaseKind(self.kind))
 
 
 def read_rank(xml_path: Path) -> dict:
@@ -74,16 +79,15 @@ def read_rank(xml_path: Path) -> dict:
         suite = ET.parse(xml_path).getroot().find("testsuite")
     except ET.ParseError as error:
         return {"unreadable": str(error), "cases": {}, "counts": {}}
-    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    counts = {kind: 0 for kind in CaseKind}
     failed, cases, in_flight = {}, {}, ""
     for element in suite.iter("testcase"):
         nodeid = element.get("nodeid") or element.get("name")
         if element.get(UNFINISHED) == "true":
             in_flight = "" if nodeid.startswith(HARNESS) else nodeid
             continue
-        child = next((c for c in element if c.tag in ("failure", "error", "skipped")), None)
-        tag = "passed" if child is None else child.tag
-        kind = "failed" if tag == "failure" else tag
+        child = next((c for c in element if c.tag in RESULT_TAGS), None)
+        kind = CaseKind.from_tag(None if child is None else child.tag)
         root = next((p.get("value") for p in element.iter("property")
                      if p.get("name") == ROOT_CAUSE_PROPERTY), None)
         case = Case(nodeid, kind, "" if child is None else child.get("message", ""),
@@ -91,7 +95,7 @@ def read_rank(xml_path: Path) -> dict:
                     float(element.get("time", "0")))
         cases[nodeid] = case
         counts[kind] += 1
-        if kind in ("failed", "error"):
+        if kind.is_problem:
             failed[nodeid] = (root, case.message)
     return {
         "counts": counts,
@@ -183,9 +187,9 @@ def summarize(out_dir: Path, *, this_node_only: bool = False) -> tuple[str, int]
         if info["complete"] and info["collected"] == 0:
             state += ", no tests collected"
             status = 1
-        lines.append(f"{rank:<6}{c['passed']:>8}{c['failed']:>8}{c['error']:>8}{c['skipped']:>9}"
-                     f"  {state}{exit_text}")
-        status = 1 if c["failed"] or c["error"] or info["stop_reason"] else status
+        lines.append(f"{rank:<6}{c[CaseKind.PASSED]:>8}{c[CaseKind.FAILED]:>8}"
+                     f"{c[CaseKind.ERROR]:>8}{c[CaseKind.SKIPPED]:>9}  {state}{exit_text}")
+        status = 1 if c[CaseKind.FAILED] or c[CaseKind.ERROR] or info["stop_reason"] else status
         if info["stop_reason"] and info["stop_reason"] not in stop_reasons:
             stop_reasons.append(info["stop_reason"])
         for name, (root, message) in info["failed"].items():

@@ -7,13 +7,37 @@ the plugin passes ``os.environ`` in; no other module of the harness reads it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "gloo", "nccl")
-UNMARKED = ("skip", "run")
+
+
+class BackendChoice(str, enum.Enum):
+    """``--dtensor-backend``: the process group's backend; AUTO picks one (``choose_backend``)."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Unmarked(str, enum.Enum):
+    """``--dtensor-unmarked``: what torchrun mode does with a test without a mesh marker."""
+
+    SKIP = "skip"
+    RUN = "run"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+BACKENDS = tuple(choice.value for choice in BackendChoice)  # the options' choices
+UNMARKED = tuple(choice.value for choice in Unmarked)
 
 
 def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
@@ -61,8 +85,8 @@ class RunSettings:
 
     out_dir: Path
     timeout_s: float = 120.0
-    backend: str = "auto"
-    unmarked: str = "skip"
+    backend: BackendChoice = BackendChoice.AUTO
+    unmarked: Unmarked = Unmarked.SKIP
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -73,6 +97,8 @@ class RunSettings:
             raise ValueError(
                 f"--dtensor-unmarked must be one of {UNMARKED}, got {self.unmarked!r}."
             )
+        object.__setattr__(self, "backend", BackendChoice(self.backend))  # options give strings
+        object.__setattr__(self, "unmarked", Unmarked(self.unmarked))
 
     @property
     def wait_timeout_s(self) -> float:
@@ -98,14 +124,15 @@ class RunSettings:
         return max(2 * self.timeout_s, 60.0)
 
 
-def choose_backend(requested: str, local_world_size: int) -> str:
+def choose_backend(requested: BackendChoice | str, local_world_size: int) -> BackendChoice:
     """NCCL when every local rank has its own GPU (or when asked), else gloo."""
+    requested = BackendChoice(requested)
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested == "nccl" and num_gpus < local_world_size:
+    if requested is BackendChoice.NCCL and num_gpus < local_world_size:
         raise ValueError(
             f"--dtensor-backend=nccl needs one GPU per local rank: {local_world_size} ranks, "
             f"{num_gpus} GPUs. Fix: fewer ranks (-n), or --backend gloo."
         )
-    if requested != "auto":
+    if requested is not BackendChoice.AUTO:
         return requested
-    return "nccl" if num_gpus >= local_world_size else "gloo"
+    return BackendChoice.NCCL if num_gpus >= local_world_size else BackendChoice.GLOO

@@ -14,6 +14,8 @@ import sys
 import pytest
 
 from dtensor_attn.testing.harness.meshspec import world_size_skip_reason
+from dtensor_attn.testing.harness.outcome import CaseKind
+from dtensor_attn.testing.harness.torchrun_env import Unmarked
 from dtensor_attn.testing.harness.torchrun_session import TorchrunSession
 
 
@@ -24,13 +26,13 @@ class TorchrunPlugin:
     # -- the mode: what the harness plugin asks ---------------------------------------------
     def header(self) -> str:
         run = self.run
-        return (f"dtensor_attn: torchrun rank {run.rank} of {run.world_size}, backend {run.backend}, "
+        return (f"dtensor_attn: torchrun rank {run.rank} of {run.world_size}, backend {run.group.backend}, "
                 f"phase timeout {run.settings.timeout_s:g} s, logs and JUnit XML in "
                 f"{run.settings.out_dir}")
 
     def skip_reason(self, axes: dict[str, int] | None) -> str | None:
         if axes is None:
-            if self.run.settings.unmarked == "run":
+            if self.run.settings.unmarked is Unmarked.RUN:
                 return None
             return ("no mesh marker: runs in simulation (plain pytest); under torchrun only mesh "
                     "tests run (--dtensor-unmarked=run to run it on every rank)")
@@ -97,7 +99,7 @@ class TorchrunPlugin:
         run = self.run
         if run.rank != 0:
             return
-        terminalreporter.write_sep("=", f"dtensor_attn: {run.world_size} torchrun ranks, {run.backend}")
+        terminalreporter.write_sep("=", f"dtensor_attn: {run.world_size} torchrun ranks, {run.group.backend}")
         terminalreporter.write_line(f"{'rank':<6}{'passed':>8}{'failed':>8}{'errors':>8}{'skipped':>9}")
         for rank, totals in sorted(run.rank_summaries.items()):
             if totals is None:
@@ -105,8 +107,8 @@ class TorchrunPlugin:
                                             f"{run.settings.out_dir}/rank{rank}.log)")
                 continue
             terminalreporter.write_line(
-                f"{rank:<6}{totals.get('passed', 0):>8}{totals.get('failed', 0):>8}"
-                f"{totals.get('error', 0):>8}{totals.get('skipped', 0):>9}"
+                f"{rank:<6}{totals.get(CaseKind.PASSED, 0):>8}{totals.get(CaseKind.FAILED, 0):>8}"
+                f"{totals.get(CaseKind.ERROR, 0):>8}{totals.get(CaseKind.SKIPPED, 0):>9}"
             )
         for nodeid, when, verdict in run.failures:
             ranks = ", ".join(map(str, verdict.root_ranks))

@@ -1,4 +1,4 @@
-"""torchrun mode: one process group per session, and ranks that agree on every test's outcome.
+"""torchrun mode's session: ranks that agree on every test's outcome, and its files.
 
 After each phase (setup, call, teardown) of each test, every rank posts its outcome to the
 launcher's TCPStore (``sidechannel.py``: a side channel that no collective can block) and
@@ -7,7 +7,8 @@ verdict. A rank that hung or got stuck is declared by its watchdog thread, which
 and ends the process once the others have written their results; a rank that went silent (no
 heartbeat: it exited, was killed, or holds the GIL) is reported for by the others, who stop
 waiting for it. Either way the others stop the run (such a rank may still hold a collective
-that would pair with the next test's). Every store wait has a timeout.
+that would pair with the next test's). Every store wait has a timeout. The process group, one
+per session, and its meshes are ``torchrun_group.py``'s.
 
 Files: ``rank<r>.collected.txt`` (the collected test ids, one a line, before the first test),
 ``rank<r>.xml`` (``junit.py``) and ``rank<r>.log`` (``ranklog.py``), read by the launcher.
@@ -15,7 +16,6 @@ Files: ``rank<r>.collected.txt`` (the collected test ids, one a line, before the
 
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import json
 import os
@@ -24,21 +24,21 @@ import sys
 import time
 from collections.abc import Mapping
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from dtensor_attn import _compat
 from dtensor_attn.testing.harness.agreement import (
-    FAILED, RankReport, Verdict, collection_difference, group_counts, judge,
+    RankReport, Verdict, collection_difference, group_counts, judge,
 )
 from dtensor_attn.testing.harness.junit import HARNESS, JUnitWriter, case_from_reports, junit_path
+from dtensor_attn.testing.harness.outcome import CaseKind, Outcome
 from dtensor_attn.testing.harness.ranklog import RankLog, log_path
 from dtensor_attn.testing.harness.sidechannel import (
-    Heartbeats, OwnBeat, SideChannel, read_divergence, report_silent_peers,
+    Heartbeats, OwnBeat, SideChannel, read_divergence, read_phase_reports, report_silent_peers,
 )
 from dtensor_attn.testing.harness.summary import ROOT_CAUSE_PROPERTY, collected_path, no_test_ran
-from dtensor_attn.testing.harness.torchrun_env import RunSettings, TorchrunEnv, choose_backend
+from dtensor_attn.testing.harness.torchrun_env import RunSettings, TorchrunEnv
+from dtensor_attn.testing.harness.torchrun_group import SessionGroup
 from dtensor_attn.testing.harness.watchdog import PeerEvent, Phase, PhaseWatchdog
 
 
@@ -58,8 +58,7 @@ class TorchrunSession:
         self.log = RankLog(log_path(settings.out_dir, env.rank), env.rank)
         self.junit = JUnitWriter(junit_path(settings.out_dir, env.rank), rank=env.rank,
                                  world_size=env.world_size)
-        self.backend = ""
-        self.device_type = "cpu"
+        self.group = SessionGroup(env, settings)  # the process group and its meshes
         self.stop_reason = ""
         self.no_test_ran = ""  # why the run tested nothing, where it did
         self.failures: list[tuple[str, str, Verdict]] = []
@@ -69,14 +68,13 @@ class TorchrunSession:
         # (index, test id, setup/call/teardown) of the latest phase: one value, as the watchdog
         # thread reads it
         self._phase = (0, "", "")
-        self._meshes: dict[tuple[tuple[str, int], ...], DeviceMesh] = {}
         self._reports: dict[str, list] = {}
         self._phase_ended_at = 0.0
         self._own_beat = OwnBeat(env.rank, settings.silence_s)
         self._chan: SideChannel | None = None  # the test thread's client
         self._watch: SideChannel | None = None  # the watchdog thread's client
         self.watchdog: PhaseWatchdog | None = None
-        self._owns_process_group = False
+        self._dumps_on_sigterm = False
         self.pytest_session = None  # set at sessionfinish: its exit status ends the process
         self.console_fd: int | None = None  # this rank's console, outside pytest's capture
 
@@ -87,17 +85,11 @@ class TorchrunSession:
         # torchrun stops the other ranks with SIGTERM once one fails: each leaves its stacks in
         # its log, also a rank whose watchdog cannot run (a call holding the GIL).
         faulthandler.register(signal.SIGTERM, file=self.log.file, all_threads=True, chain=True)
-        self.backend = choose_backend(self.settings.backend, self.env.local_world_size)
-        pg_backend = "gloo"
-        if self.backend == "nccl":
-            torch.cuda.set_device(self.env.local_rank)
-            self.device_type, pg_backend = "cuda", "cpu:gloo,cuda:nccl"
-        timeout = datetime.timedelta(seconds=self.settings.sync_timeout_s)
-        dist.init_process_group(pg_backend, timeout=timeout)
-        self._owns_process_group = True
+        self._dumps_on_sigterm = True
+        self.group.start()
         self.open_side_channel()
         self.log.event(f"process group up in {time.monotonic() - started:.2f} s: backend "
-                       f"{self.backend}, rank {self.rank} of {self.world_size}")
+                       f"{self.group.backend}, rank {self.rank} of {self.world_size}")
 
     def open_side_channel(self) -> None:
         """Two clients of the launcher's store (the test thread's, the watchdog's), the first
@@ -132,23 +124,17 @@ class TorchrunSession:
         self.log.event(f"collected {len(nodeids)} tests" + (f"; {difference}" if difference else
                                                             ", same list on every rank"))
         if difference:
-            self.junit.add(f"{HARNESS}collection", outcome="failed", seconds=0.0,
+            self.junit.add(f"{HARNESS}collection", outcome=CaseKind.FAILED, seconds=0.0,
                            message=difference.splitlines()[0], text=difference)
         return difference
 
     def collection_error(self, nodeid: str, text: str) -> None:
         """A file or class that failed to collect: an error in JUnit (pytest then stops)."""
-        self.junit.add(f"{HARNESS}collection_error[{nodeid}]", outcome="error", seconds=0.0,
+        self.junit.add(f"{HARNESS}collection_error[{nodeid}]", outcome=CaseKind.ERROR, seconds=0.0,
                        message=f"collection error in {nodeid}", text=text)
 
     def mesh(self, axes: Mapping[str, int]) -> DeviceMesh:
-        """Cached per axes: every rank builds the same meshes in the same order (same tests)."""
-        key = tuple(axes.items())
-        if key not in self._meshes:
-            self._meshes[key] = init_device_mesh(
-                self.device_type, tuple(axes.values()), mesh_dim_names=tuple(axes)
-            )
-        return self._meshes[key]
+        return self.group.mesh(axes)
 
     # -- phases ----------------------------------------------------------------------------
     def begin_phase(self, nodeid: str, when: str) -> None:
@@ -175,19 +161,18 @@ class TorchrunSession:
             text = report.longrepr[2]
         # After a stop, the counts stay out of step: report that once, not on every phase.
         counts = () if self.stop_reason else group_counts(_compat.collective_counts())
-        mine = RankReport(rank=self.rank, outcome=report.outcome, at=self._phase_ended_at,
+        mine = RankReport(rank=self.rank, outcome=Outcome(report.outcome), at=self._phase_ended_at,
                           text=text, counts=counts)
         self._own_beat.post_report(self._chan, n, mine.to_json())
         if report.failed or report.skipped:  # ranks still inside the phase may wait for this one
             self._chan.post(f"diverged/{n}", f"{report.outcome} {self.rank}")
-        reports = self._phase_reports(self._chan, n, self.live_ranks,
-                                      self.settings.wait_timeout_s)
+        reports = read_phase_reports(self._chan, n, self.live_ranks, self.settings.wait_timeout_s)
         verdict = judge(item.nodeid, call.when, reports, timeout_s=self.settings.wait_timeout_s)
         self.live_ranks = self.live_ranks - set(verdict.lost_ranks)
-        if verdict.outcome == FAILED:
+        if verdict.outcome is Outcome.FAILED:
             self.failures.append((item.nodeid, call.when, verdict))
             self.log.event(f"{call.when} {item.nodeid} FAILED on every rank:\n{verdict.text}")
-            report.outcome = "failed"
+            report.outcome = Outcome.FAILED.value  # pytest's own report: a plain string
             report.longrepr = verdict.text
             if hasattr(report, "wasxfail"):
                 del report.wasxfail
@@ -198,13 +183,6 @@ class TorchrunSession:
             item.session.shouldfail = f"dtensor_attn {verdict.stop_reason}"
             self.log.event(verdict.stop_reason)
         self.record(report)
-
-    @staticmethod
-    def _phase_reports(chan: SideChannel, n: int, ranks: frozenset[int],
-                       timeout_s: float) -> dict[int, RankReport | None]:
-        """Every rank's report of phase n (a silent rank's written for it), None if missing."""
-        raw = chan.gather(f"phase/{n}", ranks, timeout_s)
-        return {r: None if v is None else RankReport.from_json(v) for r, v in raw.items()}
 
     def record(self, report) -> None:
         """Collect a test's agreed phase reports; write its JUnit case after its teardown."""
@@ -222,7 +200,7 @@ class TorchrunSession:
         if exitstatus in (0, 5) and self.junit.num_ran == 0 and not self.stop_reason:
             self.no_test_ran = no_test_ran(num_collected, self.junit.skip_reasons)
             self.log.event(self.no_test_ran)
-            self.junit.add(f"{HARNESS}no_test_ran", outcome="failed", seconds=0.0,
+            self.junit.add(f"{HARNESS}no_test_ran", outcome=CaseKind.FAILED, seconds=0.0,
                            message=self.no_test_ran.splitlines()[0], text=self.no_test_ran)
             exitstatus = 5
         self.junit.close(collected=num_collected, stop_reason=self.stop_reason)
@@ -243,10 +221,8 @@ class TorchrunSession:
         if self._chan is not None:
             self._chan.post(f"done/{self.rank}", "1")
             self._chan.gather("done", self.live_ranks, self.settings.sync_timeout_s)
-        healthy = not self.stop_reason and len(self.live_ranks) == self.world_size
-        if healthy and self._owns_process_group:
-            dist.destroy_process_group()
-        if self._owns_process_group:  # start() registered the SIGTERM dump
+        self.group.close(healthy=not self.stop_reason and len(self.live_ranks) == self.world_size)
+        if self._dumps_on_sigterm:
             faulthandler.unregister(signal.SIGTERM)
         self.log.event("session closed")
         self.log.close()
@@ -279,7 +255,7 @@ class TorchrunSession:
             return None
         return PeerEvent(*divergence)
 
-    def _declared(self, phase: Phase, outcome: str, text: str) -> None:
+    def _declared(self, phase: Phase, outcome: Outcome, text: str) -> None:
         """Report this rank hung or stuck, record the verdict, wait for the others, exit."""
         try:
             self._report_declared(phase, outcome, text)
@@ -287,7 +263,7 @@ class TorchrunSession:
             self.log.event("ending this rank after its report (exit code 1)")
             os._exit(1)
 
-    def _report_declared(self, phase: Phase, outcome: str, text: str) -> None:
+    def _report_declared(self, phase: Phase, outcome: Outcome, text: str) -> None:
         text = f"{text} (stacks in {self.log.path})"
         counts = group_counts(_compat.collective_counts())  # the collective it waits in counts
         mine = RankReport(rank=self.rank, outcome=outcome, at=time.time(), text=text,
@@ -298,7 +274,7 @@ class TorchrunSession:
         # The others have reported already, are being declared too, or went silent (reported
         # for): a short wait suffices for this rank's files to carry the same verdict as theirs.
         wait_s = self.settings.grace_s + 2.0
-        reports = self._phase_reports(chan, phase.index, self.live_ranks - {self.rank}, wait_s)
+        reports = read_phase_reports(chan, phase.index, self.live_ranks - {self.rank}, wait_s)
         reports[self.rank] = mine
         verdict = judge(phase.nodeid, phase.when, reports, timeout_s=wait_s)
         self.log.event(f"{phase.when} {phase.nodeid} FAILED on every rank:\n{verdict.text}")
@@ -306,7 +282,7 @@ class TorchrunSession:
             banner = f" dtensor_attn: {phase.nodeid} ({phase.when}), rank {self.rank} ends "
             os.write(self.console_fd, f"\n{banner:=^100}\n{verdict.text}\n".encode())
         self.junit.add(
-            phase.nodeid, outcome="failed" if phase.when == "call" else "error",
+            phase.nodeid, outcome=CaseKind.of_failed_phase(phase.when),
             seconds=time.monotonic() - phase.started, message=verdict.text.splitlines()[0],
             text=verdict.text,
             properties={ROOT_CAUSE_PROPERTY: ",".join(map(str, verdict.root_ranks))},

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from dtensor_attn.testing.harness.agreement import FAILED, HUNG, SILENT, SKIPPED, STUCK
+from dtensor_attn.testing.harness.outcome import Outcome
 
 _BACKUP_DUMP_S = 2.0  # after the timeout, in case this thread cannot take the GIL
 
@@ -47,9 +47,12 @@ class PeerEvent:
     """Another rank left the phase: ``kind`` FAILED or SKIPPED (it said so), or SILENT (it sent
     no heartbeat for ``silent_s`` seconds and no report: another rank reported for it)."""
 
-    kind: str
+    kind: Outcome
     rank: int
     silent_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Outcome(self.kind))  # from the store: a string
 
 
 class PhaseWatchdog:
@@ -64,7 +67,7 @@ class PhaseWatchdog:
         grace_s: float,
         log_file: IO[str],
         peer_event: Callable[[int], PeerEvent | None],
-        declare: Callable[[Phase, str, str], None],
+        declare: Callable[[Phase, Outcome, str], None],
         heartbeat: Callable[[], None] = lambda: None,
         poll_s: float = 0.1,
         beat_s: float = 0.25,
@@ -79,7 +82,7 @@ class PhaseWatchdog:
         self._beat_s = beat_s
         self._lock = threading.Lock()
         self._phase: Phase | None = None
-        self._declared: str | None = None
+        self._declared: Outcome | None = None
         self._stopping = threading.Event()
         self._main_thread = threading.get_ident()  # built on the thread that runs the tests
         self._thread = threading.Thread(target=self._run, name="dtensor_attn-watchdog", daemon=True)
@@ -98,7 +101,7 @@ class PhaseWatchdog:
             self.timeout_s + _BACKUP_DUMP_S, exit=False, file=self._log_file
         )
 
-    def end(self) -> str | None:
+    def end(self) -> Outcome | None:
         """Close the phase; returns the outcome if this thread already declared this rank."""
         faulthandler.cancel_dump_traceback_later()
         with self._lock:
@@ -123,7 +126,7 @@ class PhaseWatchdog:
                 event = self._peer_event(phase.index)
             except Exception as error:  # the launcher's store is gone: nobody can agree
                 if phase is not None and self._fire(
-                    phase, FAILED, f"lost the launcher's store during the {phase.when} of "
+                    phase, Outcome.FAILED, f"lost the launcher's store during the {phase.when} of "
                     f"{phase.nodeid}: {error}"
                 ):
                     return
@@ -137,7 +140,7 @@ class PhaseWatchdog:
 
     def _check(
         self, phase: Phase, event: PeerEvent | None, since: float | None
-    ) -> tuple[str, str] | None:
+    ) -> tuple[Outcome, str] | None:
         """(outcome, text) if this rank is to be declared hung or stuck now, else None.
         ``since``: when ``event`` began, on this clock."""
         now = time.monotonic()
@@ -145,26 +148,27 @@ class PhaseWatchdog:
         if now - phase.started > self.timeout_s:
             site = self._collective_site()
             if site is not None:
-                return STUCK, (f"stuck: {where} ran past the {self.timeout_s:g} s timeout "
-                               f"waiting in {site}, a collective another rank did not join")
-            return HUNG, f"hung: {where} ran past the {self.timeout_s:g} s timeout"
+                return Outcome.STUCK, (f"stuck: {where} ran past the {self.timeout_s:g} s timeout "
+                                       f"waiting in {site}, a collective another rank did not join")
+            return Outcome.HUNG, f"hung: {where} ran past the {self.timeout_s:g} s timeout"
         # A silent rank was silent for longer than the grace before it was reported.
-        if event is None or (event.kind != SILENT and now - since <= self.grace_s):
+        if event is None or (event.kind is not Outcome.SILENT and now - since <= self.grace_s):
             return None
         site = self._collective_site()
-        if event.kind == FAILED:
-            return STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
-                           f"{event.rank} failed it, probably waiting in "
-                           f"{site or 'a collective'} that rank never joined")
+        if event.kind is Outcome.FAILED:
+            return Outcome.STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
+                                   f"{event.rank} failed it, probably waiting in "
+                                   f"{site or 'a collective'} that rank never joined")
         if site is None:
             return None  # still computing: it may finish the phase itself (the timeout holds)
-        if event.kind == SKIPPED:
-            return STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
-                           f"{event.rank} skipped it, waiting in {site} that rank never joined")
-        assert event.kind == SILENT, event
-        return STUCK, (f"stuck: still in {where}, waiting in {site}, while rank {event.rank} "
-                       f"sent no heartbeat for {event.silent_s:.1f} s (it exited, was killed, "
-                       "or holds the GIL)")
+        if event.kind is Outcome.SKIPPED:
+            return Outcome.STUCK, (f"stuck: still in {where} {self.grace_s:.3g} s after rank "
+                                   f"{event.rank} skipped it, waiting in {site} that rank never "
+                                   "joined")
+        assert event.kind is Outcome.SILENT, event
+        return Outcome.STUCK, (f"stuck: still in {where}, waiting in {site}, while rank "
+                               f"{event.rank} sent no heartbeat for {event.silent_s:.1f} s (it "
+                               "exited, was killed, or holds the GIL)")
 
     def _collective_site(self) -> str | None:
         """``all_reduce called from test_x.py:12`` if the test thread is inside
@@ -182,7 +186,7 @@ class PhaseWatchdog:
             return None
         return f"{op} (called from {caller})" if caller else op
 
-    def _fire(self, phase: Phase, outcome: str, text: str) -> bool:
+    def _fire(self, phase: Phase, outcome: Outcome, text: str) -> bool:
         with self._lock:
             if self._phase is not phase:
                 return False  # the phase ended while we looked
