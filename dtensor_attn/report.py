@@ -22,7 +22,7 @@ from dtensor_attn.testing.kit.result import CaseOutcome, ConformanceResult, Stat
 
 MARKDOWN_NAME = "conformance.md"
 HTML_NAME = "conformance.html"
-_MARK = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.SKIP: "skip"}
+_MARK = {Status.PASS: "pass", Status.FAIL: "FAIL", Status.SKIP: "skip", Status.NOT_EXERCISED: "NOT EXERCISED"}
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0 2em; font-size: 13px; }
@@ -43,8 +43,8 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """0 if no case failed (skips included: their reasons are in the report), else 1."""
-        return 1 if self.counts.get("fail", 0) else 0
+        """0 if no case failed or went unexercised (skips included: their reasons are in the report), else 1."""
+        return 1 if self.counts.get("fail", 0) or self.counts.get("not_exercised", 0) else 0
 
 
 def check_out_dir(out_dir: str | Path) -> Path:

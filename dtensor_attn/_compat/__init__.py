@@ -40,6 +40,7 @@ from dtensor_attn._compat.dtensor import (
     view_groups,
     view_sources,
 )
+from dtensor_attn._compat.flex_ranks import PerRankMaskMod, flex_on_simulated_ranks, fuse_block_masks
 from dtensor_attn._compat.simulation import (
     FakeStore,
     LocalTensor,
@@ -57,6 +58,9 @@ from dtensor_attn._compat.tracing import (
 )
 
 __all__ = [
+    "PerRankMaskMod",
+    "flex_on_simulated_ranks",
+    "fuse_block_masks",
     "AsyncCollectiveTensor",
     "FLEX_CP_HOOK_TRAILING_ARGS",
     "LocalBoundary",

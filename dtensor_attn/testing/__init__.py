@@ -3,10 +3,16 @@ ranks), ``kit`` (the conformance kit), and here the shared asserts, golden table
 
 from dtensor_attn.testing.kit import (
     MESHES,
+    CallingConvention,
     CaseFailure,
     ConformanceError,
     ConformanceResult,
     FailureKind,
+    MaskScope,
+    Prepared,
+    RankView,
+    Shapes,
+    Status,
     assert_conforms,
     check_attention,
 )
@@ -17,10 +23,16 @@ from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 __all__ = [
     "MESHES",
+    "CallingConvention",
     "CaseFailure",
     "ConformanceError",
     "ConformanceResult",
     "FailureKind",
+    "MaskScope",
+    "Prepared",
+    "RankView",
+    "Shapes",
+    "Status",
     "assert_conforms",
     "check_attention",
     "assert_dtensor_close",

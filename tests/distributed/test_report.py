@@ -48,7 +48,7 @@ def test_a_real_failure_and_a_pass_side_by_side(tmp_path):
                            backends=[Backend.VARLEN], outputs=[Layout.TNH], **ONE_CASE)
     bad = check_attention(factory=subjects.FlattenWithoutStride, backends=[Backend.VARLEN], outputs=[Layout.TNH], **ONE_CASE)
     report = write_report([good, bad], tmp_path)
-    assert report.exit_code == 1 and report.counts == {"pass": 1, "fail": 1, "skip": 0}
+    assert report.exit_code == 1 and report.counts == {"pass": 1, "fail": 1, "skip": 0, "not_exercised": 0}
     markdown = report.markdown.read_text()
     assert "## LocalMapAttention" in markdown and "## FlattenWithoutStride" in markdown
     assert "FAIL `(S(0))`: placements of output: expected (_S(0, 2)), actual (S(0))" in markdown

@@ -20,7 +20,8 @@ from dtensor_attn.config import Backend
 from dtensor_attn.testing.kit.check import (
     DEFAULT_MESHES, MESHES, ConformanceOptions, _combinations, _probe_calls,
 )
-from dtensor_attn.testing.kit.cases import Call, CallSettings, _ratio_note, expected_placements
+from dtensor_attn.testing.kit.cases import Call, CallSettings, expected_placements
+from dtensor_attn.testing.kit.compare import ratio_note as _ratio_note
 from dtensor_attn.testing.harness.meshspec import AXIS_DIMS
 from dtensor_attn.testing.kit.result import CaseFailure, ConformanceResult, FailureKind
 from dtensor_attn.testing.kit.subjects import kernel_label, offered_outputs

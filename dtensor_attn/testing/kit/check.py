@@ -4,117 +4,52 @@ Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D mo
 T packed tokens (B*L).
 
 The subject is any callable that takes BLNH q/k/v DTensors and returns a DTensor, BLNH or
-packed TNH, or ``(out, lse)`` (LSE in BLN, BNL or TN), of causal self-attention with the
-default scale 1/sqrt(head_dim). Two ways to hand it over:
+packed TNH, or ``(out, lse)`` (LSE in BLN, BNL or TN), of causal self-attention with
+``Shapes.scale`` (default 1/sqrt(head_dim)). Ways to hand it over:
 
 - ``check_attention(module, make_mask=...)``: one module (or function). Each case gets a fresh
   ``copy.deepcopy`` of a module (a function is shared by every case). Packed-document cases
   call ``module(q, k, v, mask=make_mask(positions_BL))``, with ``positions_BL`` the global
-  (B, L) positions of each token inside its document (0 where one starts): the mask holds
-  plain global tensors, and the subject shards it as it shards q. Without ``make_mask`` those
-  cases are skipped, with that reason.
+  (B, L) positions of each token inside its document (0 where one starts). Without a mask
+  builder those cases are skipped, with that reason.
+- ``check_attention(module, convention=CallingConvention(...), prepare=..., shapes=Shapes(...))``:
+  a module with its own calling convention (``attention_masks=``, a mask built per rank in its
+  own type, ``enable_gqa=``/``scale=`` per case), set up per mesh by ``prepare`` (see spec.py).
 - ``check_attention(factory=lambda config: MyAttention(config))``: a fresh subject per case
-  from an ``AttentionConfig`` (backend, ``enable_gqa``, ``return_lse``, ``varlen_output``), so
-  the matrix covers every backend of the registry and masks come from that backend
-  (``make_attention_masks(config, positions_BL)``), as a model makes them.
+  from an ``AttentionConfig``, over every backend of the registry, masks from that backend.
 
-Every case runs on simulated ranks (one process), forward and backward, in float64, and is
-compared on every rank with the float64 reference (see cases.py). A cached-state
-probe calls ONE subject on a sequence of placements and meshes, and reports a call that fails
-where a fresh subject passes. Case ids read ``varlen-TNH-cp2xtp2-gqa-docs-lse``.
+By default every case runs on simulated ranks (one process) on CPU in float64, forward and
+backward, compared on every rank with the float64 reference (cases.py); ``device="cuda"``
+runs the simulated ranks on one GPU with the real kernels in bf16 (options.py). A
+third-party ``flex_attention`` call runs per rank there (``_compat.flex_on_simulated_ranks``).
+``mesh=<DeviceMesh>`` runs the cases on that mesh instead: under torchrun a real one (every rank
+calls check_attention; each rank checks its own full tensors), in plain pytest the harness's
+simulated one. A cached-state probe calls ONE
+subject on a sequence of placements and meshes (probe.py). Case ids read
+``varlen-TNH-cp2xtp2-gqa-docs-lse``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from dtensor_attn import _compat
-from dtensor_attn._compat import maybe_disable_local_tensor_mode
-from dtensor_attn.config import AttentionConfig, Backend
-from dtensor_attn.layout import Layout
-from dtensor_attn.testing.kit.cases import Call, CallSettings, make_call_inputs, run_call
-from dtensor_attn.testing.harness.meshspec import AXIS_DIMS
-from dtensor_attn.testing.kit.result import (
-    CaseFailure, CaseOutcome, ConformanceResult, FailureKind, Status,
-)
-from dtensor_attn.testing.kit.subjects import Variant, factory_variants, kernel_label, subject_variant
-from dtensor_attn.testing.harness.meshspec import mesh_id, num_ranks, validate_axes
+from dtensor_attn._compat import flex_on_simulated_ranks, maybe_disable_local_tensor_mode
+from dtensor_attn.config import AttentionConfig
+from dtensor_attn.testing.harness.meshspec import mesh_id, num_ranks
 from dtensor_attn.testing.harness.simulate import build_simulated_mesh, simulated_ranks
-
-# Every mesh the kit knows, by id; ``meshes=`` takes these ids or axis dicts in this form.
-MESHES: Mapping[str, Mapping[str, int]] = types.MappingProxyType({
-    mesh_id(axes): types.MappingProxyType(axes)
-    for axes in (
-        {"tp": 1}, {"tp": 2}, {"tp": 4}, {"tp": 8}, {"cp": 2}, {"cp": 4}, {"cp": 8},
-        {"cp": 2, "tp": 2}, {"cp": 2, "tp": 4}, {"cp": 4, "tp": 2}, {"dp": 2, "cp": 2, "tp": 2},
-    )
-})
-# World sizes 1, 2, 4, 4, 8: TP alone, 4-way CP alone (ranks past the second need the right
-# offsets too), and CP x TP with 2 and 4 heads shards (a GQA group inside one rank).
-DEFAULT_MESHES = ("tp1", "tp2", "cp4", "cp2xtp2", "cp2xtp4")
-MASKS = ("causal", "docs")
-
-
-@dataclasses.dataclass(kw_only=True, slots=True)
-class ConformanceOptions:
-    """The matrix and its precision. Narrow any axis to run fewer cases.
-
-    Tolerance: inputs, subject and reference run in float64, so only reduction order differs
-    (~1e-15 relative); 1e-9 leaves six orders of margin and every placement mistake moves
-    values by O(0.1). A subject that computes in lower precision sets ``dtype`` and widens the
-    tolerance; the reference then starts from the same rounded inputs.
-    """
-
-    meshes: tuple = DEFAULT_MESHES  # ids of MESHES, or axis dicts such as {"cp": 2, "tp": 2}
-    gqa: tuple[bool, ...] = (False, True)  # True: 8 q heads and 4 k/v heads
-    masks: tuple[str, ...] = MASKS  # "causal"; "docs": causal within packed documents
-    lse: tuple[bool, ...] = (False, True)  # factory only: AttentionConfig.return_lse
-    backends: tuple = ()  # factory only: Backend values or names; () is the whole registry
-    outputs: tuple[Layout, ...] = (Layout.BLNH, Layout.TNH)  # factory only: varlen_output, where offered
-    combinations: str = "pairwise"  # of (gqa, masks, lse) per variant and mesh; or "all"
-    backward: bool = True
-    cache_check: bool = True
-    dtype: torch.dtype = torch.float64
-    rtol: float = 1e-9
-    atol: float = 1e-9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.meshes = tuple(self._mesh(m) for m in self.meshes)
-        if self.combinations not in ("pairwise", "all"):
-            raise ValueError(f"check_attention: combinations={self.combinations!r}; expected 'pairwise' or 'all'")
-        unknown = sorted(set(self.masks) - set(MASKS))
-        if unknown:
-            raise ValueError(f"check_attention: masks {unknown} unknown; expected a subset of {MASKS}")
-        self.backends = tuple(Backend(b) if isinstance(b, str) else b for b in self.backends)
-        for name in ("gqa", "lse", "masks", "outputs"):
-            setattr(self, name, tuple(getattr(self, name)))
-            if not getattr(self, name):
-                raise ValueError(f"check_attention: {name}=() selects no case. Fix: keep at least one value.")
-
-    @staticmethod
-    def _mesh(mesh: str | Mapping[str, int]) -> tuple[str, dict[str, int]]:
-        if isinstance(mesh, str):
-            if mesh not in MESHES:
-                raise ValueError(f"check_attention: unknown mesh {mesh!r}; expected one of {sorted(MESHES)} or an axis dict")
-            return mesh, dict(MESHES[mesh])
-        axes = validate_axes(dict(mesh), "check_attention")
-        unknown = sorted(set(axes) - set(AXIS_DIMS))
-        if unknown:
-            raise ValueError(
-                f"check_attention: mesh axes {unknown} have no meaning here; expected axes named "
-                f"{sorted(AXIS_DIMS)} (dp shards batch, cp the sequence, tp the heads)"
-            )
-        return mesh_id(axes), axes
-
-    def settings(self) -> CallSettings:
-        return CallSettings(dtype=self.dtype, rtol=self.rtol, atol=self.atol, backward=self.backward, seed=self.seed)
+from dtensor_attn.testing.kit.cases import Call, make_call_inputs, run_call
+from dtensor_attn.testing.kit.options import DEFAULT_MESHES, MASKS, MESHES, ConformanceOptions  # noqa: F401
+from dtensor_attn.testing.kit.probe import _probe_calls, cache_probe  # noqa: F401
+from dtensor_attn.testing.kit.result import CaseFailure, CaseOutcome, ConformanceResult, FailureKind, Status
+from dtensor_attn.testing.kit.setup import CaseSkipped, Placed, case_mask, mesh_axes, place
+from dtensor_attn.testing.kit.spec import CallingConvention, CaseInfo
+from dtensor_attn.testing.kit.subjects import Variant, factory_variants, kernel_label, subject_variant
 
 
 def check_attention(
@@ -122,42 +57,48 @@ def check_attention(
     *,
     factory: Callable[[AttentionConfig], Callable] | None = None,
     make_mask: Callable[[torch.Tensor], object] | None = None,
+    convention: CallingConvention | None = None,
     name: str | None = None,
+    mesh: DeviceMesh | None = None,
     **options,
 ) -> ConformanceResult:
     """Run ``subject`` (or subjects from ``factory``) over the matrix; see ConformanceOptions
     for ``options`` (by default: DEFAULT_MESHES, and pairwise combinations of GQA, masks and
-    LSE). Exceptions of the subject become failures of their case. Simulation only: the kit
-    builds its own meshes on the fake process group, so call it from a test without a mesh
-    marker, in a process without a real process group."""
+    LSE). Exceptions of the subject become failures of their case. Without ``mesh`` the kit
+    builds simulated meshes on the fake process group (call it where no real group is
+    initialised); with ``mesh`` (a real DeviceMesh with named axes), ``meshes=`` is not used."""
     if (subject is None) == (factory is None):
         raise ValueError("check_attention: pass exactly one of subject or factory=. Fix: "
                          "check_attention(my_module) or check_attention(factory=lambda config: ...)")
+    if mesh is not None:
+        options.setdefault("device", mesh.device_type)
     opts = ConformanceOptions(**options)
     if factory is not None:
+        if convention is not None:
+            raise ValueError("check_attention: convention= is for a subject; a factory's masks come from the registry")
         variants = factory_variants(factory, backends=opts.backends, outputs=opts.outputs, lse=opts.lse)
         label = name or getattr(factory, "__name__", "factory")
     else:
-        variants = [subject_variant(subject, make_mask, name)]
+        variants = [subject_variant(subject, make_mask, name, convention)]
         label = variants[0].name
     if not variants:
         raise ValueError(
             f"check_attention: no backend of {[str(b) for b in opts.backends] or 'the registry'} offers "
             f"the outputs {[layout.name for layout in opts.outputs]}. Fix: add Layout.BLNH to outputs."
         )
-    settings = opts.settings()
+    meshes = opts.meshes if mesh is None else ((mesh_id(mesh_axes(mesh)), mesh_axes(mesh)),)
+    # a mesh given inside simulated ranks (the harness's mesh fixture in plain pytest) stays simulated
+    simulated = mesh is None or _compat.local_tensor_mode_active()
     outcomes: list[CaseOutcome] = []
-    with maybe_disable_local_tensor_mode():
-        for mesh_name, axes in opts.meshes:
-            with contextlib.ExitStack() as stack:
-                mesh = build_simulated_mesh(axes)
-                stack.enter_context(simulated_ranks(num_ranks(axes)))
-                axis_dims = tuple(AXIS_DIMS[a] for a in axes)
+    outside = maybe_disable_local_tensor_mode() if mesh is None else contextlib.nullcontext()
+    with outside, (flex_on_simulated_ranks() if simulated else contextlib.nullcontext()):
+        for mesh_name, axes in meshes:
+            with _mesh_for(axes, mesh, opts) as case_mesh:
                 for variant in variants:
                     for gqa, mask, lse in _combinations((opts.gqa, opts.masks, variant.lse_values), opts.combinations):
-                        outcomes.append(_run_case(variant, mesh_name, mesh, axis_dims, gqa, mask, lse, settings))
+                        outcomes.append(_run_case(variant, mesh_name, case_mesh, gqa, mask, lse, opts, simulated))
         if opts.cache_check:
-            outcomes += [_cache_probe(v, opts, settings) for v in variants]
+            outcomes += [_probe(v, opts, mesh, simulated) for v in variants]
     return ConformanceResult(label, tuple(outcomes))
 
 
@@ -165,6 +106,17 @@ def assert_conforms(subject: Callable | None = None, **kwargs) -> ConformanceRes
     """check_attention(...).raise_for_failures(): for pytest, a table of the failing cases."""
     __tracebackhide__ = True
     return check_attention(subject, **kwargs).raise_for_failures()
+
+
+@contextlib.contextmanager
+def _mesh_for(axes, real_mesh, opts):
+    """The given mesh, or a simulated one with its ranks entered."""
+    if real_mesh is not None:
+        yield real_mesh
+        return
+    simulated = build_simulated_mesh(axes, opts.device.type)
+    with simulated_ranks(num_ranks(axes)):
+        yield simulated
 
 
 def _combinations(factors: Sequence[Sequence], mode: str) -> list[tuple]:
@@ -191,27 +143,31 @@ def _case_id(variant: Variant, mesh_name: str, gqa: bool, mask: str, lse: bool |
     return "-".join(words + (["docs"] if mask == "docs" else []) + (["lse"] if lse else []))
 
 
-def _run_case(variant, mesh_name, mesh, axis_dims, gqa, mask, lse, settings) -> CaseOutcome:
+def _run_case(variant, mesh_name, mesh, gqa, mask, lse, opts, simulated) -> CaseOutcome:
     case_id = _case_id(variant, mesh_name, gqa, mask, lse)
     coords = dict(id=case_id, variant=variant.name, mesh=mesh_name, heads="gqa" if gqa else "mha", mask=mask, lse=lse)
+    settings = opts.settings()
     try:
-        subject = variant.build(gqa, lse)
+        placed = place(variant.build(gqa, lse), opts.prepare, mesh, opts.axis_roles, opts.device)
     except Exception as error:
-        failure = CaseFailure(case_id, FailureKind.ERROR, "subject", "the subject to build", "an exception",
+        failure = CaseFailure(case_id, FailureKind.ERROR, "subject", "the subject to build (and prepare)", "an exception",
                               detail=f"{type(error).__name__}: {error}")
         return CaseOutcome(kernel="", status=Status.FAIL, failures=(failure,), **coords)
-    kernel = kernel_label(subject)
-    inputs = make_call_inputs(settings, gqa=gqa, documents=mask == "docs")
-    mask_value = None
-    if mask == "docs":
-        if variant.make_mask is None:
-            return CaseOutcome(kernel=kernel, status=Status.SKIP, reason=variant.no_mask_reason, **coords)
-        try:
-            with maybe_disable_local_tensor_mode():
-                mask_value = variant.make_mask(gqa, lse, inputs.positions_BL)
-        except ValueError as error:  # the backend applies no document masks: a fact, not a failure
-            return CaseOutcome(kernel=kernel, status=Status.SKIP, reason=" ".join(str(error).split()), **coords)
-    observed = run_call(subject, Call(case_id, mesh, axis_dims), inputs, mask_value, settings)
+    kernel = kernel_label(placed.subject)
+    convention = variant.convention(gqa, lse)
+    documents = mask == "docs"
+    inputs = make_call_inputs(settings, gqa=gqa, documents=documents)
+    case = CaseInfo(gqa=gqa, documents=documents, lse=lse, shapes=opts.shapes)
+    try:
+        mask_value = case_mask(convention, documents=documents, positions_BL=inputs.positions_BL, placed=placed, case=case,
+                               simulated=simulated, no_mask_reason=variant.no_mask_reason, device=opts.device)
+    except CaseSkipped as skipped:
+        return CaseOutcome(kernel=kernel, status=Status.SKIP, reason=str(skipped), **coords)
+    except Exception as error:
+        failure = CaseFailure(case_id, FailureKind.ERROR, "mask", "make_mask to succeed", "an exception",
+                              detail=f"{type(error).__name__}: {error}")
+        return CaseOutcome(kernel=kernel, status=Status.FAIL, failures=(failure,), **coords)
+    observed = run_call(placed.subject, Call(case_id, placed.mesh, placed.axis_dims), inputs, mask_value, settings, convention, case)
     untestable = _strided_shard_untestable(observed.failures)
     if untestable:
         return CaseOutcome(kernel=kernel, status=Status.SKIP, reason=untestable, **coords)
@@ -237,56 +193,26 @@ def _strided_shard_untestable(failures) -> str:
     return ""
 
 
-def _probe_calls(mesh, axes: dict[str, int]) -> list[tuple[str, object, tuple]]:
-    """(label, mesh, axis dims): all axes sharded, then each axis replicated in turn, then the
-    last axis's own submesh, then all sharded again."""
-    dims = tuple(AXIS_DIMS[a] for a in axes)
-    calls = [("sharded", mesh, dims)]
-    for i, axis in enumerate(axes):
-        if len(axes) > 1 or axes[axis] > 1:
-            calls.append((f"{axis} replicated", mesh, dims[:i] + (None,) + dims[i + 1:]))
-    if len(axes) > 1:
-        last = list(axes)[-1]
-        calls.append((f"{last} submesh", mesh[last], (AXIS_DIMS[last],)))
-    calls.append(("sharded again", mesh, dims))
-    return calls
-
-
-def _cache_probe(variant: Variant, opts: ConformanceOptions, settings: CallSettings) -> CaseOutcome:
-    """One subject, called on several placements and meshes in turn: a call that fails where a
-    fresh subject passes it shows state kept from an earlier call (docs/bugs.md row 6)."""
+def _probe(variant: Variant, opts: ConformanceOptions, real_mesh, simulated: bool) -> CaseOutcome:
+    """The cached-state probe on the first multi-axis mesh (else the largest), or the real mesh."""
     multi = [(n, a) for n, a in opts.meshes if len(a) > 1] or sorted(opts.meshes, key=lambda m: -num_ranks(m[1]))
-    mesh_name, axes = multi[0]
+    mesh_name, axes = (mesh_id(mesh_axes(real_mesh)), mesh_axes(real_mesh)) if real_mesh is not None else multi[0]
     lse = variant.lse_values[0]
-    case_id = f"{variant.name}-cache-{mesh_name}"
-    coords = dict(id=case_id, variant=variant.name, mesh=f"cache-{mesh_name}", heads="mha", mask="causal", lse=lse)
+    coords = dict(id=f"{variant.name}-cache-{mesh_name}", variant=variant.name, mesh=f"cache-{mesh_name}",
+                  heads="mha", mask="causal", lse=lse)
     if not variant.fresh or num_ranks(axes) == 1:
         reason = ("a function cannot be copied: pass an nn.Module or a factory to check cached state"
                   if not variant.fresh else "the cached-state probe needs a mesh of at least 2 ranks")
         return CaseOutcome(kernel="", status=Status.SKIP, reason=reason, **coords)
-    with contextlib.ExitStack() as stack:
-        mesh = build_simulated_mesh(axes)
-        stack.enter_context(simulated_ranks(num_ranks(axes)))
-        inputs = make_call_inputs(settings, gqa=False, documents=False)
-        try:
-            shared = variant.build(False, lse)
-        except Exception as error:  # the matrix cases report it as a failure
-            return CaseOutcome(kernel="", status=Status.SKIP, reason=f"the subject could not be built: {error}", **coords)
-        calls = _probe_calls(mesh, axes)
-        history: list[str] = []
-        for index, (label, call_mesh, dims) in enumerate(calls):
-            what = f"call {index + 1} of {len(calls)} ({label})"
-            failures = run_call(shared, Call(case_id, call_mesh, dims), inputs, None, settings).failures
-            history.append(label)
-            if not failures or index == 0:
-                continue
-            if run_call(variant.build(False, lse), Call(case_id, call_mesh, dims), inputs, None, settings).failures:
-                continue  # a fresh subject fails this call too: not state, and reported by the matrix
-            failure = CaseFailure(
-                case_id, FailureKind.CACHED_STATE, what, "what a fresh subject returns (it passes)",
-                f"{failures[0].kind} of {failures[0].what}",
-                ranks=failures[0].ranks, max_err=failures[0].max_err,
-                detail=f"after calls {history[:-1]}; {failures[0].describe()}",
-            )
-            return CaseOutcome(kernel=kernel_label(shared), status=Status.FAIL, failures=(failure,), **coords)
-    return CaseOutcome(kernel=kernel_label(shared), status=Status.PASS, **coords)
+    convention = variant.convention(False, lse)
+    case = CaseInfo(gqa=False, documents=False, lse=lse, shapes=opts.shapes)
+    with _mesh_for(axes, real_mesh, opts) as mesh:
+
+        def build_placed() -> Placed:
+            return place(variant.build(False, lse), opts.prepare, mesh, opts.axis_roles, opts.device)
+
+        def mask_for(call_mesh, dims, root):
+            return case_mask(convention, documents=False, positions_BL=None, placed=Placed(None, call_mesh, dims, root),
+                             case=case, simulated=simulated, no_mask_reason="", device=opts.device)
+
+        return cache_probe(build_placed, mask_for, opts.settings(), opts.axis_roles, coords, convention)

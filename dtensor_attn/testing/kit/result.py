@@ -29,6 +29,7 @@ class FailureKind(enum.Enum):
     GRAD_PLACEMENTS = "grad_placements"  # an input gradient is not placed like its input
     GRAD = "grad"  # an input gradient is missing or differs from the reference on some rank
     CACHED_STATE = "cached_state"  # a reused subject fails a call that a fresh subject passes
+    MASK_NO_EFFECT = "mask_no_effect"  # a document case returned the causal-only result: the mask was not applied
 
     def __str__(self) -> str:
         return self.value
@@ -37,7 +38,8 @@ class FailureKind(enum.Enum):
 class Status(enum.Enum):
     PASS = "pass"
     FAIL = "fail"
-    SKIP = "skip"
+    SKIP = "skip"  # the case does not apply (no document masks, a torch limit): the reason says why
+    NOT_EXERCISED = "not_exercised"  # it ran, but tested nothing (every call failed for a fresh subject too)
 
     def __str__(self) -> str:
         return self.value
@@ -86,7 +88,7 @@ class CaseOutcome:
     mask: str  # "causal" or "docs"
     lse: bool | None  # None: the subject decides
     status: Status
-    reason: str = ""  # why it was skipped
+    reason: str = ""  # why it was skipped or not exercised
     in_placements: str = ""
     out_placements: str = ""  # as the subject returned them
     expected_out_placements: str = ""
@@ -104,7 +106,8 @@ class ConformanceResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        """No failure and nothing left unexercised: a probe that tested nothing is not a pass."""
+        return not self.failures and not self.with_status(Status.NOT_EXERCISED)
 
     def with_status(self, status: Status) -> list[CaseOutcome]:
         return [c for c in self.cases if c.status is status]
@@ -142,17 +145,24 @@ class ConformanceResult:
     def summary(self) -> str:
         counts = self.counts()
         skipped = sorted({c.reason for c in self.with_status(Status.SKIP)})
+        unexercised = [f"{c.id}: {c.reason}" for c in self.with_status(Status.NOT_EXERCISED)]
         text = (
             f"check_attention({self.subject}): {counts['pass']} passed, {counts['fail']} failed, "
-            f"{counts['skip']} skipped of {len(self.cases)} cases"
+            f"{counts['skip']} skipped"
         )
-        return text + "".join(f"\n  skipped: {reason}" for reason in skipped)
+        if unexercised:
+            text += f", {len(unexercised)} not exercised"
+        text += f" of {len(self.cases)} cases"
+        return (text + "".join(f"\n  skipped: {reason}" for reason in skipped)
+                + "".join(f"\n  NOT EXERCISED (tested nothing): {line}" for line in unexercised))
 
-    def raise_for_failures(self) -> ConformanceResult:
-        """Raise ConformanceError with the table of failing cases; return self if none failed."""
+    def raise_for_failures(self, *, allow_not_exercised: bool = False) -> ConformanceResult:
+        """Raise ConformanceError with the table of failing cases, and the cases that tested
+        nothing (unless ``allow_not_exercised``); return self otherwise."""
         __tracebackhide__ = True
-        if self.failures:
-            raise ConformanceError(f"{self.summary()}\n{self.table()}")
+        unexercised = self.with_status(Status.NOT_EXERCISED) and not allow_not_exercised
+        if self.failures or unexercised:
+            raise ConformanceError(f"{self.summary()}" + (f"\n{self.table()}" if self.failures else ""))
         return self
 
     def __str__(self) -> str:

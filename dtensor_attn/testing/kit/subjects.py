@@ -7,7 +7,9 @@ A variant is one way the subject is built, named in case ids: ``varlen-TNH`` for
 given ``AttentionConfig(backend=varlen, varlen_output=TNH, ...)``, or the subject's own name.
 Factories build one subject per case, with ``enable_gqa`` and ``return_lse`` set for it, and
 masks come from the same registry entry (``make_attention_masks``). A module is deep-copied
-per case; a function is shared (nothing to copy).
+per case; a function is shared (nothing to copy). A subject's ``CallingConvention`` (how it
+takes its mask and keywords) is the user's; ``make_mask=`` alone is the kit's own convention,
+``mask=`` with a value of global tensors.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from dtensor_attn.config import AttentionConfig, Backend
 from dtensor_attn.layout import Layout
 from dtensor_attn.backends import make_attention_masks
 from dtensor_attn.testing.kit.cases import OUT_LAYOUTS
-
+from dtensor_attn.testing.kit.spec import CallingConvention
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Variant:
     name: str
     build: Callable[[bool, bool], Callable]  # (gqa, lse) -> a subject
-    make_mask: Callable[[bool, bool, torch.Tensor], object] | None  # (gqa, lse, positions_BL) -> mask
+    convention: Callable[[bool, bool], CallingConvention]  # (gqa, lse) -> how it takes masks and keywords
     lse_values: tuple[bool | None, ...]  # None: the subject decides whether it returns the LSE
     fresh: bool  # build() gives an independent subject (so the cache probe can compare)
     no_mask_reason: str = ""
@@ -59,23 +61,28 @@ def factory_variants(factory, *, backends: Sequence[Backend], outputs: Sequence[
             def config(gqa, with_lse, backend=backend, layout=layout):
                 return AttentionConfig(backend=backend, enable_gqa=gqa, return_lse=with_lse, varlen_output=layout)
 
+            def convention(gqa, with_lse, config=config):
+                return CallingConvention(make_mask=lambda positions_BL: make_attention_masks(config(gqa, with_lse), positions_BL))
+
             variants.append(Variant(
                 name=f"{backend}-{layout.name}",
                 build=lambda gqa, with_lse, config=config: factory(config(gqa, with_lse)),
-                make_mask=lambda gqa, with_lse, positions_BL, config=config: make_attention_masks(config(gqa, with_lse), positions_BL),
-                lse_values=tuple(lse), fresh=True,
+                convention=convention, lse_values=tuple(lse), fresh=True,
             ))
     return variants
 
 
-def subject_variant(subject, make_mask, name: str | None) -> Variant:
+def subject_variant(subject, make_mask, name: str | None, convention: CallingConvention | None = None) -> Variant:
+    if make_mask is not None and convention is not None:
+        raise ValueError("check_attention: pass make_mask= or convention=CallingConvention(make_mask=...), not both. "
+                         "Fix: move make_mask into the convention")
+    convention = convention or CallingConvention(make_mask=make_mask)
     is_module = isinstance(subject, nn.Module)
     pristine = copy.deepcopy(subject) if is_module else subject  # later calls by the user do not leak in
     return Variant(
         name=name or getattr(subject, "__name__", type(subject).__name__),
         build=(lambda gqa, with_lse: copy.deepcopy(pristine)) if is_module else (lambda gqa, with_lse: subject),
-        make_mask=None if make_mask is None else (lambda gqa, with_lse, positions_BL: make_mask(positions_BL)),
-        lse_values=(None,), fresh=is_module,
+        convention=lambda gqa, with_lse: convention, lse_values=(None,), fresh=is_module,
         no_mask_reason="no make_mask given: pass make_mask=lambda positions_BL: ... to test packed documents",
     )
 
