@@ -51,8 +51,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(fn, args, grad) -> None:
-    out = fn(*args)
-    out.backward(grad)
+    """Forward and backward to the inputs. ``autograd.grad``, not ``backward()``: the inputs are
+    leaves here, and storing a gradient into a DTensor leaf detaches it through DTensor's
+    dispatch, which a model (whose q/k/v come out of projections) never pays, wrapped or not."""
+    torch.autograd.grad(fn(*args), args, grad)
 
 
 def _time_steps(fn, args, grad, device, repeats: int) -> float:

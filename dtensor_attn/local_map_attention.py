@@ -100,16 +100,18 @@ class LocalMapAttention(nn.Module):
     # -- planning (once per signature) ----------------------------------------------------
     @staticmethod
     def _key(q, k, v, mask) -> tuple:
-        def sig(t):
-            return (t.device_mesh, t.placements, t.shape, t.dtype)
-
-        mask_sig = None
-        if mask is not None:
-            mask_sig = tuple(
-                (t.device_mesh, tuple(t.placements), tuple(t.shape)) if isinstance(t, DTensor) else tuple(t.shape)
-                for t in (mask.q_document_ids_BL, mask.kv_document_ids_BL)
-            ) + (type(mask),)
-        return (sig(q), sig(k), sig(v), mask_sig)
+        """What fixes a plan: meshes, placements, global shapes and dtypes (hence local shapes),
+        and the mask's kind and shapes. Flat, as it is built on every call."""
+        key = (
+            q.device_mesh, k.device_mesh, v.device_mesh, q.placements, k.placements, v.placements,
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+        )
+        if mask is None:
+            return key
+        return key + (type(mask),) + tuple(
+            (t.device_mesh, t.placements, t.shape, t.dtype) if isinstance(t, DTensor) else (t.shape, t.dtype)
+            for t in (mask.q_document_ids_BL, mask.kv_document_ids_BL)
+        )
 
     def _plan(self, q: DTensor, k: DTensor, v: DTensor, mask) -> AttentionPlan:
         placements = self.infer_placements(q, k, v)
@@ -140,6 +142,7 @@ class LocalMapAttention(nn.Module):
             local_q_shape=local_q_shape,
             expected_shapes=expected_shapes,
             out_placements=out_placements,
+            redistribute_qkv=(q.placements, k.placements, v.placements) != (placements.q, placements.kv, placements.kv),
         )
 
     def _seq_index_locals(self, q: DTensor, cp_axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,10 @@ An inner attention is any module with these members; the backends of ``dtensor_a
 are three. The wrapper reads only the declarations (to infer every placement) and calls the
 module on local tensors with a ``Visibility`` (what each local query may see: causal or not,
 documents, global seq positions under context parallelism). A new backend's author implements
-this and nothing else.
+this and nothing else. The backends of this package also offer ``attend(q, k, v, visibility)``,
+their forward without its input checks: LocalMapAttention calls it from a signature's second
+call on, where the first call's checks hold by construction, and only while calling the module
+is calling its forward (no hooks, not compiled, forward not overridden).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dtensor_attn._compat.attention import (
     varlen_lse_heads_first,
     varlen_ops,
 )
-from dtensor_attn._compat.boundary import LocalBoundary
+from dtensor_attn._compat.boundary import LocalBoundary, plain_module_call
 from dtensor_attn._compat.dtensor import (
     StridedShard,
     input_dim,
@@ -64,6 +64,7 @@ __all__ = [
     "AsyncCollectiveTensor",
     "FLEX_CP_HOOK_TRAILING_ARGS",
     "LocalBoundary",
+    "plain_module_call",
     "enable_ring_attention",
     "packed_strided_shard_probe",
     "packed_strided_shard_usable",

@@ -109,6 +109,16 @@ class InnerAttention(nn.Module):
         if mask is not None:
             check_mask_shapes(name, mask, q_BL=batch_seq(q, layout), kv_BL=batch_seq(k, layout))
 
+    def forward(self, q, k, v, mask=None, *, visibility: Visibility | None = None):
+        visibility = self._visibility(mask, visibility)
+        self._check_inputs(q, k, v, visibility.mask)
+        return self.attend(q, k, v, visibility)
+
+    def attend(self, q, k, v, visibility: Visibility):
+        """The attention itself, without ``forward``'s input checks: for a caller that has proved
+        them for these inputs (LocalMapAttention's plan, from a signature's second call on)."""
+        raise NotImplementedError
+
     def scale_for(self, head_dim: int) -> float:
         return self.config.scale if self.config.scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -151,9 +161,7 @@ class BNLHKernelAttention(InnerAttention):
     def lse_layout(self) -> Layout | None:
         return Layout.BNL if self.config.return_lse else None
 
-    def forward(self, q, k, v, mask=None, *, visibility: Visibility | None = None):
-        visibility = self._visibility(mask, visibility)
-        self._check_inputs(q, k, v, visibility.mask)
+    def attend(self, q, k, v, visibility: Visibility):
         legacy = self.in_layout is Layout.BNLH
         q_BNLH = q if legacy else q.transpose(1, 2)
         k_BNLH = k if legacy else k.transpose(1, 2)

@@ -57,9 +57,7 @@ class VarlenAttention(InnerAttention):
             and self._varlen_ops is not None
         )
 
-    def forward(self, q, k, v, mask=None, *, visibility: Visibility | None = None):
-        visibility = self._visibility(mask, visibility)
-        self._check_inputs(q, k, v, visibility.mask)
+    def attend(self, q, k, v, visibility: Visibility):
         if self.in_layout is Layout.BNLH:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         batch, num_q, num_q_heads, head_dim = q.shape
