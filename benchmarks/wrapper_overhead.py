@@ -18,8 +18,8 @@ For each backend and shape:
   model's layers are), median of 5 such runs, the three variants interleaved so that they share
   clocks and caches (goal: ours <= 1.01 at the large shape);
 - host µs per call: what the CPU spends issuing a forward (grad enabled, as in training) and a
-  forward + backward, with no sync inside the timed calls; the minimum of 7 samples of 20
-  calls (the sample least disturbed). Host time is what a small shape exposes; at the large
+  forward + backward, with no sync inside the timed calls; the minimum of 25 samples of 20
+  calls, the variants interleaved in every sample (the sample least disturbed). Host time is what a small shape exposes; at the large
   shape the device queue can fill and stall the host, so read host columns at the small shape.
 """
 
@@ -68,17 +68,20 @@ def _time_steps(fn, args, grad, device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _host_us(step, device, calls: int = 20, samples: int = 7) -> float:
-    """Microseconds the host spends issuing one ``step()`` (no sync inside the timed calls)."""
-    best = float("inf")
+def _host_us(steps: dict, device, calls: int = 20, samples: int = 25) -> dict:
+    """Microseconds the host spends issuing one call of each step (no sync inside the timed
+    calls): the minimum over ``samples``, the steps interleaved in every sample so that a busy
+    moment of the machine hits all of them, not one."""
+    best = dict.fromkeys(steps, float("inf"))
     for _ in range(samples):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        best = min(best, time.perf_counter() - start)
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            best[name] = min(best[name], time.perf_counter() - start)
     _sync(device)
-    return best / calls * 1e6
+    return {name: seconds / calls * 1e6 for name, seconds in best.items()}
 
 
 def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
@@ -109,9 +112,11 @@ def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
         for name, (fn, args, grad) in variants.items():
             step_s[name].append(_time_steps(fn, args, grad, device, repeats))
     result = {name: {"step": statistics.median(times)} for name, times in step_s.items()}
-    for name, (fn, args, grad) in variants.items():
-        result[name]["fwd"] = _host_us(lambda fn=fn, args=args: fn(*args), device)
-        result[name]["fwd+bwd"] = _host_us(lambda fn=fn, args=args, grad=grad: _step(fn, args, grad), device)
+    forward = {name: (lambda fn=fn, args=args: fn(*args)) for name, (fn, args, grad) in variants.items()}
+    train = {name: (lambda fn=fn, args=args, grad=grad: _step(fn, args, grad)) for name, (fn, args, grad) in variants.items()}
+    for phase, steps in (("fwd", forward), ("fwd+bwd", train)):
+        for name, us in _host_us(steps, device).items():
+            result[name][phase] = us
     return result
 
 
