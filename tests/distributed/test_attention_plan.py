@@ -172,4 +172,4 @@ def test_a_subclass_forward_runs_on_every_call(mesh):
     leaves = _tp_leaves(mesh)
     for _ in range(3):
         attention(*leaves)
-    assert calls == [(B, L, NQ // 2, H)] * 3
+    assert calls == [tuple(leaves[0].to_local().shape)] * 3
