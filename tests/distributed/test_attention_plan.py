@@ -100,7 +100,7 @@ def _assert_same(ours: DTensor, theirs: DTensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("placements", MESHES)
-@pytest.mark.parametrize("backend,layout,lse", _configs())
+@pytest.mark.parametrize("backend,layout,lse", list(_configs()))
 def test_every_call_matches_local_map(mesh, placements, backend, layout, lse):
     if layout is Layout.TNH and Shard(1) in placements and not _compat.packed_strided_shard_usable():
         pytest.skip(  # the wrapper refuses this case on such a torch (test_local_map_attention.py)
