@@ -107,7 +107,7 @@ def line(name: str, mesh_name: str, result) -> str:
     text = f"{name:<26} {mesh_name:<14} pass {counts['pass']}  fail {counts['fail']}  skip {counts['skip']}"
     if counts["not_exercised"]:
         text += f"  not exercised {counts['not_exercised']}"
-    kinds = sorted({f"{f.kind} of {f.what}" for f in result.failures})
+    kinds = sorted({f.what if f.what.startswith(str(f.kind)) else f"{f.kind} of {f.what}" for f in result.failures})
     bad_shards = sorted({r for f in result.failures for r in f.shard_ranks})
     if kinds:
         text += f"  [{'; '.join(kinds)}]"
