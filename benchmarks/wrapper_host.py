@@ -4,7 +4,7 @@ Legend: B batch, L seq, N heads (q or kv: the name says which), H head_dim, D mo
 T packed tokens (B*L).
 
     python3 benchmarks/wrapper_host.py            # both meshes, every backend (~1 minute)
-    python3 benchmarks/wrapper_host.py --quick    # fewer samples (CI prints it on every run)
+    python3 benchmarks/wrapper_host.py --quick    # fewer samples, ~25 s (CI prints it on every run)
 
 What a GPU hides behind a large kernel, the host pays on every call: this measures the host path
 alone, at a tiny shape (B=1, L=16, 4 q / 2 k/v heads, H=8) where the CPU kernel costs a few µs,
@@ -124,8 +124,8 @@ def run_mode(mode: str, samples: int, calls: int) -> None:
     else:
         from dtensor_attn.testing.harness.simulate import simulated_mesh
 
-        with simulated_mesh({"tp": 2}) as mesh:
-            rows = measure(mesh, 2, samples, calls)
+        with simulated_mesh({"tp": 2}) as mesh:  # a call costs ms here: a quarter of the calls
+            rows = measure(mesh, 2, samples, max(1, calls // 4))
     for backend, phase, direct, peer, ours in rows:
         print(
             f"| {mode} | {backend} | {phase} | {direct:.1f} | {peer:.1f} (+{peer - direct:.1f}) | "
