@@ -60,12 +60,11 @@ class AttentionPlan:
         pl = self.placements
         inputs, grads = [q, k, v], [pl.q_grad, pl.kv_grad, pl.kv_grad]
         if self.redistribute_qkv:  # local_map's redistribute_inputs=True: CP all-gathers k/v here
-            inputs = [t if t.placements == p else t.redistribute(t.device_mesh, p) for t, p in zip(inputs, (pl.q, pl.kv, pl.kv))]
+            inputs = _redistributed(inputs, (pl.q, pl.kv, pl.kv))
         visibility = self._visibility
         if self.mask_type is not None:
             # integer ids: no gradient flows, so their grad placements are a formality
-            docs = [t if t.placements == p else t.redistribute(t.device_mesh, p) for t, p in zip((q_doc_BL, kv_doc_BL), self.mask_placements)]
-            inputs += docs
+            inputs += _redistributed((q_doc_BL, kv_doc_BL), self.mask_placements)
             grads += self.mask_placements
         q_local, k_local, v_local, *doc_locals = self.boundary.unwrap(inputs, grads)
         if self.mask_type is not None:
@@ -81,6 +80,11 @@ class AttentionPlan:
         if len(self.out_placements) == 1:
             return wrap(0, result, mesh, self.out_placements[0])
         return tuple(wrap(i, t, mesh, p) for i, (t, p) in enumerate(zip(result, self.out_placements)))
+
+
+def _redistributed(dtensors, placements) -> list[DTensor]:
+    """Each DTensor with ``placements`` (local_map's ``redistribute_inputs=True``)."""
+    return [t if t.placements == p else t.redistribute(t.device_mesh, p) for t, p in zip(dtensors, placements)]
 
 
 def _unchecked_attend(inner) -> Callable | None:

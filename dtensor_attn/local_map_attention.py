@@ -142,7 +142,8 @@ class LocalMapAttention(nn.Module):
             local_q_shape=local_q_shape,
             expected_shapes=expected_shapes,
             out_placements=out_placements,
-            redistribute_qkv=(q.placements, k.placements, v.placements) != (placements.q, placements.kv, placements.kv),
+            redistribute_qkv=(q.placements, k.placements, v.placements)
+            != (placements.q, placements.kv, placements.kv),
         )
 
     def _seq_index_locals(self, q: DTensor, cp_axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
