@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from dtensor_attn import _compat
 from dtensor_attn._compat import packed_strided_shard_usable
 import torch
 
@@ -70,14 +71,32 @@ def test_local_map_attention_passes_the_whole_matrix(backend, layout, mesh_name)
     docs = {c.id for c in result.cases if c.mask == "docs"}
     expected_skips = docs if REGISTRY[backend].mask_type is None else set()
     if layout is Layout.TNH and "cp" in mesh_name and not packed_strided_shard_usable():
-        # torch 2.11: the packed output's _StridedShard cannot be checked (nor used) there
-        expected_skips = {c.id for c in result.cases if "cache" not in c.id}  # the probe also calls non-CP meshes
+        # torch 2.11: the packed output's _StridedShard cannot be checked (nor used) there; the
+        # probe's first call is on that mesh, so it skips with the same reason
+        expected_skips = {c.id for c in result.cases}
         assert all("_StridedShard" in c.reason for c in result.with_status(Status.SKIP))
     else:
         assert all("packed-document" in c.reason for c in result.with_status(Status.SKIP))
     assert _ids(result, Status.SKIP) == expected_skips
     assert len(_ids(result, Status.PASS)) == len(result.cases) - len(expected_skips)
     assert len(result.cases) == 4 + probe
+
+
+def test_a_torch_limit_on_the_probes_first_call_skips_the_probe_with_its_reason(monkeypatch):
+    """torch 2.11 cannot redistribute a packed TNH output's _StridedShard under CP, and
+    LocalMapAttention refuses it up front (simulated here on any torch): the matrix skips those
+    cases with the reason, and so must the cached-state probe whose first call is on that mesh:
+    neither a pass (it tested nothing) nor not_exercised (the subject did nothing wrong)."""
+    monkeypatch.setattr(_compat, "packed_strided_shard_usable", lambda: False)
+    result = check_attention(
+        factory=lambda config: LocalMapAttention(config.build()), backends=[Backend.VARLEN],
+        outputs=[Layout.TNH], meshes=("cp2xtp2",), masks=("causal",), lse=(False,), cache_check=True,
+    )
+    probe = [c for c in result.cases if "cache" in c.id]
+    assert [c.status for c in probe] == [Status.SKIP], result.summary()
+    assert "_StridedShard" in probe[0].reason
+    assert {c.status for c in result.cases} == {Status.SKIP}
+    result.raise_for_failures()
 
 
 @pytest.mark.parametrize("backend,layout", _variants())

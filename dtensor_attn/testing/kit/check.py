@@ -215,4 +215,6 @@ def _probe(variant: Variant, opts: ConformanceOptions, real_mesh, simulated: boo
             return case_mask(convention, documents=False, positions_BL=None, placed=Placed(None, call_mesh, dims, root),
                              case=case, simulated=simulated, no_mask_reason="", device=opts.device)
 
-        return cache_probe(build_placed, mask_for, opts.settings(), opts.axis_roles, coords, convention)
+        return cache_probe(
+            build_placed, mask_for, opts.settings(), opts.axis_roles, coords, convention, _strided_shard_untestable
+        )

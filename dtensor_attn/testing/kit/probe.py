@@ -36,9 +36,11 @@ def _probe_calls(mesh, axes: Mapping[str, int], roles: Mapping[str, Dim | None] 
     return calls
 
 
-def cache_probe(build_placed, mask_for, settings, roles, coords: dict, convention) -> CaseOutcome:
+def cache_probe(build_placed, mask_for, settings, roles, coords: dict, convention, torch_limit) -> CaseOutcome:
     """``build_placed()``: a fresh subject, prepared, with its mesh; ``mask_for(mesh, axis_dims, root)``:
-    the causal-case mask a call on that mesh (sliced from ``root``) takes (see check.py)."""
+    the causal-case mask a call on that mesh (sliced from ``root``) takes (see check.py);
+    ``torch_limit(failures)``: the reason where failures are this torch's limit, not the subject's
+    (the matrix skips those cases with it; so does the probe whose first call hits it)."""
     from dtensor_attn.testing.kit.subjects import kernel_label
 
     case_id = coords["id"]
@@ -70,6 +72,9 @@ def cache_probe(build_placed, mask_for, settings, roles, coords: dict, conventio
         failures = call(shared, index)
         history.append(label)
         if index == 0 and failures:
+            limit = torch_limit(failures)
+            if limit:
+                return outcome(Status.SKIP, limit)
             return outcome(Status.NOT_EXERCISED, f"the first call failed, so no state was set up to test: {failures[0].describe()}")
         if index == 0 or not failures:
             exercised += index > 0
