@@ -70,7 +70,7 @@ def _inputs(mesh, tp: int):
     return dts, grad_dt, locals_, grad_dt.to_local()
 
 
-def _train_step(fn, args, grad) -> None:
+def train_step(fn, args, grad) -> None:
     """Forward and backward to the inputs. ``autograd.grad``, not ``backward()``: the inputs are
     leaves here, and storing a gradient into a DTensor leaf detaches it through DTensor's
     dispatch, which a model (whose q/k/v come out of projections) never pays, wrapped or not."""
@@ -101,7 +101,7 @@ def measure(mesh, tp: int, samples: int, calls: int) -> list[tuple]:
                 if phase == "fwd":
                     steps[name] = lambda fn=fn, args=args: fn(*args)
                 else:
-                    steps[name] = lambda fn=fn, args=args, grad=grad: _train_step(fn, args, grad)
+                    steps[name] = lambda fn=fn, args=args, grad=grad: train_step(fn, args, grad)
             best = {name: float("inf") for name in steps}
             for name, step in steps.items():  # warm-up: plans, caches, allocator
                 _time_us(step, 5)

@@ -40,7 +40,7 @@ from dtensor_attn import AttentionConfig, LocalMapAttention
 from dtensor_attn.backends import REGISTRY
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wrapper_host import peer_pattern  # noqa: E402  (one home for the peer pattern)
+from wrapper_host import peer_pattern, train_step  # noqa: E402  (one home for both)
 
 SHAPES = {"large": (4, 4096, 32, 8, 128), "small": (1, 128, 8, 2, 64)}  # B, L, Nq, Nkv, H
 
@@ -50,20 +50,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step(fn, args, grad) -> None:
-    """Forward and backward to the inputs. ``autograd.grad``, not ``backward()``: the inputs are
-    leaves here, and storing a gradient into a DTensor leaf detaches it through DTensor's
-    dispatch, which a model (whose q/k/v come out of projections) never pays, wrapped or not."""
-    torch.autograd.grad(fn(*args), args, grad)
-
-
 def _time_steps(fn, args, grad, device, repeats: int) -> float:
     """Seconds per forward + backward, ``repeats`` steps queued back to back between two syncs,
     as the layers of a training step are: host work overlaps device work, as it does there."""
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        _step(fn, args, grad)
+        train_step(fn, args, grad)
     _sync(device)
     return (time.perf_counter() - start) / repeats
 
@@ -106,14 +99,14 @@ def bench(backend, shape_name, mesh, device, dtype, repeats, shard_heads):
     }
     for _ in range(3):  # warm-up: compilation, plan cache, allocator
         for fn, args, grad in variants.values():
-            _step(fn, args, grad)
+            train_step(fn, args, grad)
     step_s = {name: [] for name in variants}
     for _ in range(5):  # interleave the variants so drift hits all of them
         for name, (fn, args, grad) in variants.items():
             step_s[name].append(_time_steps(fn, args, grad, device, repeats))
     result = {name: {"step": statistics.median(times)} for name, times in step_s.items()}
     forward = {name: (lambda fn=fn, args=args: fn(*args)) for name, (fn, args, grad) in variants.items()}
-    train = {name: (lambda fn=fn, args=args, grad=grad: _step(fn, args, grad)) for name, (fn, args, grad) in variants.items()}
+    train = {name: (lambda fn=fn, args=args, grad=grad: train_step(fn, args, grad)) for name, (fn, args, grad) in variants.items()}
     for phase, steps in (("fwd", forward), ("fwd+bwd", train)):
         for name, us in _host_us(steps, device).items():
             result[name][phase] = us
