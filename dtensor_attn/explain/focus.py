@@ -50,13 +50,16 @@ def strided_focus(verdicts: Sequence[Verdict], placements, names: tuple[str, ...
 
 @dataclass(frozen=True, slots=True)
 class ViewFacts:
-    """A view a message prints, with torch 2.13's answer for it where it has one."""
+    """A view a message prints, with this torch's answer for it, or torch 2.13's where this one
+    refuses a flatten that 2.13 answers."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     placements: tuple[Placement, ...]
     sources: tuple | None  # per output dim, the input dims it is made of (None: a split part)
-    answer: tuple[Placement, ...] | None  # torch 2.13's output placements, where it answers
+    # this torch's output placements where it answers; where it refuses a flatten, torch 2.13's
+    # (flatten_placements), where that has a rule for the view
+    answer: tuple[Placement, ...] | None
     refusal: str | None  # this torch's error, where it refuses
 
     def merged_with(self, dim: int) -> tuple[int, ...] | None:
@@ -214,8 +217,10 @@ def view_lines(facts: ViewFacts | None, names) -> list[str]:
         lines.append(f"the view {facts.text} {verb} dim {d}, which is sharded")
     if facts.answer is not None:
         strided = any(isinstance(p, StridedShard) for p in facts.answer)
+        # an answer beside a refusal is ours, reproducing torch 2.13's flatten rule
+        whose = "this torch's view rule" if facts.refusal is None else "torch 2.13's view rule (this torch refuses)"
         lines.append(
-            f"torch 2.13's view rule answers it: {format_placements(facts.answer)} on "
+            f"{whose} answers it: {format_placements(facts.answer)} on "
             f"{shape_text(facts.out_shape)}" + (" (a _StridedShard, no error)" if strided else "")
         )
     return lines

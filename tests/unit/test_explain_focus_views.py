@@ -19,19 +19,25 @@ from dtensor_attn import _compat
 from dtensor_attn.explain.focus import reclassify, shape_text, strided_focus, view_facts, view_focus, view_lines
 from dtensor_attn.explain.message import Message, MessageKind, read_message
 from dtensor_attn.explain.symbolic import Sizes, Verdict, decode_verdicts
+from dtensor_attn.placements import format_placements
 from dtensor_attn.testing.harness.simulate import simulated_mesh
 
 
 @functools.cache
 def real_view(axes: tuple, shape: tuple, placements: tuple, target: tuple):
-    """(placements, local shape of rank 0) of a real DTensor view, or the error torch raises."""
+    """The placements of a real DTensor view, or the error torch raises."""
     with simulated_mesh(dict(axes)) as mesh:
         try:
-            out = distribute_tensor(torch.zeros(shape), mesh, list(placements)).view(target)
+            return tuple(distribute_tensor(torch.zeros(shape), mesh, list(placements)).view(target).placements)
         except Exception as error:  # noqa: BLE001 - torch's refusal is the expectation
             return error
+
+
+def local_shape(axes: tuple, shape: tuple, placements: tuple) -> tuple[int, ...]:
+    """The shape rank 0 holds of a ``shape`` tensor placed ``placements``."""
+    with simulated_mesh(dict(axes)) as mesh:
         x = distribute_tensor(torch.zeros(shape), mesh, list(placements)).to_local()
-        return tuple(out.placements), tuple(_compat.rank_tensors(x)[0].shape)
+        return tuple(_compat.rank_tensors(x)[0].shape)
 
 
 def propagation_failed(shape, placements, target) -> Message:
@@ -39,56 +45,82 @@ def propagation_failed(shape, placements, target) -> Message:
                    placements=placements, global_shape=shape, view_shape=target)
 
 
-# (mesh axes, shape, placements, view target, the kind torch 2.11 would report)
+S = _compat.strided_shard
+# (mesh axes, shape, placements, view target, the kind torch 2.11 would report, the explainer's
+# answer where this torch refuses: torch 2.13's, for the flattens flatten_placements has a rule for)
 VIEWS = [
-    ("BL-to-T-cp2", (("cp", 2),), (4, 8), (Shard(1),), (32,), MessageKind.FLATTEN_SHARDED),
-    ("packed-S2-merge-tp2", (("tp", 2),), (16, 4, 8), (Shard(2),), (16, 32), MessageKind.FLATTEN_SHARDED),
-    ("split-and-merge-tp4", (("tp", 4),), (8, 2, 12), (Shard(2),), (2, 4, 24), MessageKind.FLATTEN_SHARDED),
-    ("replicate-then-merge", (("dp", 2), ("cp", 2)), (4, 8), (Replicate(), Shard(1)), (32,), MessageKind.FLATTEN_SHARDED),
-    ("unflatten-uneven-head", (("tp", 4),), (8, 4), (Shard(0),), (2, 4, 4), MessageKind.UNFLATTEN_UNEVEN),
-    ("unflatten-uneven-inner", (("tp", 4),), (2, 12), (Shard(1),), (2, 3, 4), MessageKind.UNFLATTEN_UNEVEN),
-    ("flatten-uneven", (("tp", 4),), (6, 4), (Shard(0),), (24,), MessageKind.FLATTEN_UNEVEN),
-    ("drop-sharded-size-1", (("tp", 1),), (4, 1, 8), (Shard(1),), (4, 8), MessageKind.RESHAPE_SHARDED),
+    ("BL-to-T-cp2", (("cp", 2),), (4, 8), (Shard(1),), (32,), MessageKind.FLATTEN_SHARDED, (S(0, 4),)),
+    ("packed-S2-merge-tp2", (("tp", 2),), (16, 4, 8), (Shard(2),), (16, 32), MessageKind.FLATTEN_SHARDED,
+     (S(1, 4),)),
+    ("split-and-merge-tp4", (("tp", 4),), (8, 2, 12), (Shard(2),), (2, 4, 24), MessageKind.FLATTEN_SHARDED, None),
+    ("replicate-then-merge", (("dp", 2), ("cp", 2)), (4, 8), (Replicate(), Shard(1)), (32,),
+     MessageKind.FLATTEN_SHARDED, (Replicate(), S(0, 4))),
+    ("unflatten-uneven-head", (("tp", 4),), (8, 4), (Shard(0),), (2, 4, 4), MessageKind.UNFLATTEN_UNEVEN, None),
+    ("unflatten-uneven-inner", (("tp", 4),), (2, 12), (Shard(1),), (2, 3, 4), MessageKind.UNFLATTEN_UNEVEN, None),
+    ("flatten-uneven", (("tp", 4),), (6, 4), (Shard(0),), (24,), MessageKind.FLATTEN_UNEVEN, None),
+    ("drop-sharded-size-1", (("tp", 1),), (4, 1, 8), (Shard(1),), (4, 8), MessageKind.RESHAPE_SHARDED, None),
 ]
 
 
-@pytest.mark.parametrize("axes,shape,placements,target,kind", [v[1:] for v in VIEWS], ids=[v[0] for v in VIEWS])
-def test_the_rerun_view_rule_gives_torchs_answer_or_refusal_and_kind(axes, shape, placements, target, kind):
+@pytest.mark.parametrize("axes,shape,placements,target,kind,ours", [v[1:] for v in VIEWS], ids=[v[0] for v in VIEWS])
+def test_the_rerun_view_rule_gives_torchs_answer_or_refusal_and_kind(axes, shape, placements, target, kind, ours):
     real = real_view(axes, shape, placements, target)
     message = propagation_failed(shape, placements, target)
     facts = view_facts(message, tuple(s for _, s in axes))
     assert (facts.in_shape, facts.out_shape, facts.placements) == (shape, target, placements)
     if isinstance(real, Exception):
         first_sentence = " ".join(str(real).split()).split(". ")[0]
-        assert facts.answer is None and facts.refusal.startswith(first_sentence)
+        assert facts.refusal.startswith(first_sentence) and facts.answer == ours
         assert read_message(str(real)).kind is kind  # torch's own words, read as the explainer reads them
+    elif not any(isinstance(p, _compat.StridedShard) for p in real):
+        # this torch answers without a _StridedShard (torch 2.11 drops a sharded size-1 dim into R):
+        # no message arises, and the explainer says what this torch answers
+        assert (facts.answer, facts.refusal) == (real, None)
+        assert reclassify(message, facts) == (message, None)
+        return
     else:
-        assert (facts.answer, facts.refusal) == (real[0], None)
-        assert any(isinstance(p, _compat.StridedShard) for p in facts.answer)
+        assert (facts.answer, facts.refusal) == (real, None)
+        if ours is not None:  # the explainer's torch 2.13 answer is torch 2.13's
+            assert real == ours
     reclassified, note = reclassify(message, facts)
     assert reclassified.kind is kind and note.startswith("the message does not say why; ")
 
 
-@pytest.mark.parametrize("shape,placements,target,lines", [
-    ((4, 8), (Shard(1),), (32,), [
-        "the view (4, 8) -> (32,) merges dims (0, 1) into dim 0; dim 1 (not the first of them) is sharded",
-        "torch 2.13's view rule answers it: (_S(0, 4)) on (32,) (a _StridedShard, no error)"]),
-    ((4, 8), (Shard(0),), (32,), [
-        "the view (4, 8) -> (32,) merges dims (0, 1) into dim 0",
-        "torch 2.13's view rule answers it: (S(0)) on (32,)"]),
-    ((8, 4), (Shard(0),), (2, 4, 4), ["the view (8, 4) -> (2, 4, 4) splits dim 0, which is sharded"]),
-    ((4, 1, 8), (Shard(1),), (4, 8), ["the view (4, 1, 8) -> (4, 8) drops dim 1, which is sharded"]),
+def answer_line(axes, shape, placements, target, ours) -> list[str]:
+    """The line view_lines ends with: this torch's answer, or torch 2.13's where this one refuses."""
+    real = real_view(axes, shape, placements, target)
+    if isinstance(real, Exception):
+        answer, whose = ours, "torch 2.13's view rule (this torch refuses)"
+    else:
+        answer, whose = real, "this torch's view rule"
+        assert ours is None or real == ours  # where both answer, torch 2.13's answer is the one in the table
+    if answer is None:
+        return []
+    strided = any(isinstance(p, _compat.StridedShard) for p in answer)
+    return [f"{whose} answers it: {format_placements(answer)} on {shape_text(target)}"
+            + (" (a _StridedShard, no error)" if strided else "")]
+
+
+@pytest.mark.parametrize("axes,shape,placements,target,ours,lines", [
+    ((("cp", 2),), (4, 8), (Shard(1),), (32,), (S(0, 4),), [
+        "the view (4, 8) -> (32,) merges dims (0, 1) into dim 0; dim 1 (not the first of them) is sharded"]),
+    ((("cp", 2),), (4, 8), (Shard(0),), (32,), (Shard(0),), [
+        "the view (4, 8) -> (32,) merges dims (0, 1) into dim 0"]),
+    ((("tp", 4),), (8, 4), (Shard(0),), (2, 4, 4), None, ["the view (8, 4) -> (2, 4, 4) splits dim 0, which is sharded"]),
+    ((("tp", 1),), (4, 1, 8), (Shard(1),), (4, 8), None, [
+        "the view (4, 1, 8) -> (4, 8) drops dim 1, which is sharded"]),
 ], ids=["merge-inner-sharded", "merge-outer-sharded", "split", "drop"])
-def test_what_the_view_does_to_each_dim(shape, placements, target, lines):
-    mesh_shape = (1,) if shape == (4, 1, 8) else (2,) if target == (32,) else (4,)
-    assert view_lines(view_facts(propagation_failed(shape, placements, target), mesh_shape), None) == lines
+def test_what_the_view_does_to_each_dim(axes, shape, placements, target, ours, lines):
+    mesh_shape = tuple(s for _, s in axes)
+    expected = lines + answer_line(axes, shape, placements, target, ours)
+    assert view_lines(view_facts(propagation_failed(shape, placements, target), mesh_shape), None) == expected
 
 
 def test_the_packed_output_reading_matches_what_each_rank_holds():
     # A (T, N/tp, H) tensor per rank labelled Shard(2) claims (T, N/tp, H*tp): torch's local shard
     # under that label is (16, 4, 4), which the reading must call (B*L, N/tp, H).
     shape, placements, target = (16, 4, 8), (Shard(2),), (16, 32)
-    _, local = real_view((("tp", 2),), shape, placements, target)
+    local = local_shape((("tp", 2),), shape, placements)
     message = propagation_failed(shape, placements, target)
     facts = view_facts(message, (2,))
     reclassified, _ = reclassify(message, facts)
@@ -114,10 +146,11 @@ def test_no_packed_output_reading_where_it_cannot_be_one(shape, placements, targ
 
 def test_an_uneven_split_is_focused_on_the_dim_split_with_its_sizes():
     axes, shape, placements, target = (("tp", 4),), (2, 12), (Shard(1),), (2, 3, 4)
-    told = read_message(str(real_view(axes, shape, placements, target)))  # torch's numbers: piece 0, size 3
+    told = read_message(str(real_view(axes, shape, placements, target)))
+    if told.dim_size is not None:  # torch 2.13 prints the sizes: piece 0, size 3, axis 0 of 4
+        assert (told.dim, told.dim_size, told.axis, told.axis_size) == (0, 3, 0, 4)
     message = Message(MessageKind.UNFLATTEN_UNEVEN, placements=placements, global_shape=shape,
-                      view_shape=target, dim=told.dim, dim_size=told.dim_size, axis=told.axis,
-                      axis_size=told.axis_size)
+                      view_shape=target, dim=0, dim_size=3, axis=0, axis_size=4)
     focus = view_focus(message, view_facts(message, (4,)), (4,), ("tp",))
     assert focus.dim == 1  # the tensor dim split, not torch's piece number
     assert focus.sizes == "piece 0 of the split has size 3, not a multiple of the 4 ranks of mesh axis 0"

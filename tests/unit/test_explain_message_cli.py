@@ -96,12 +96,27 @@ def explain(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+# Answers that print what this torch's view rule does with the message's view. torch 2.13's rule
+# folds a sharded inner dim into a _StridedShard and refuses to drop a sharded size-1 dim; torch
+# 2.11's refuses the first and drops into Replicate(). Their goldens have a second file,
+# "<name>__view_refuses_flatten", picked by behaviour (one probe: the two supported torches
+# differ in both; a torch that differs in one only shows a golden diff, never a silent pass).
+VIEW_RULE_ANSWERS = {"explain_flatten_sharded_dim1", "explain_flatten_sharded_dim2_traceback",
+                     "explain_reshape_sharded", "explain_propagation_failed"}
+
+
+def golden_name(name: str) -> str:
+    if name in VIEW_RULE_ANSWERS and not _compat.view_flattens_sharded_dims():
+        return f"{name}__view_refuses_flatten"
+    return name
+
+
 @pytest.mark.parametrize("name", ANSWERS)
 def test_each_message_kind_gets_its_pinned_answer(name):
     argv, stdin = ANSWERS[name]
     code, out, err = explain(*argv, stdin=stdin)
     assert (code, err) == (0, "")
-    assert_golden(out, name)
+    assert_golden(out, golden_name(name))
 
 
 def test_the_task_message_needs_no_options():
@@ -156,7 +171,7 @@ def test_a_message_mesh_that_does_not_fit_the_placements_is_noted_not_used():
     assert "rank table:" not in out and '--mesh N --shape S0,S1' in out
 
 
-VIEWS = {  # name -> (tp size, global shape, placements, view target): a view torch refuses
+VIEWS = {  # name -> (tp size, global shape, placements, view target): a view torch 2.13 refuses
     "uneven": (4, (2, 6, 3), [Shard(1)], (2, 18)),
     "unflatten": (2, (8, 6), [Shard(1)], (8, 3, 2)),
     "reshape": (2, (8, 1), [Shard(1)], (8,)),
@@ -164,13 +179,17 @@ VIEWS = {  # name -> (tp size, global shape, placements, view target): a view to
 
 
 def _real_message(make: str) -> str:
-    """torch's message, ``Type: text`` as a traceback's last line shows it."""
+    """torch's message, ``Type: text`` as a traceback's last line shows it. Skips where this
+    torch answers the view (torch 2.11 drops a sharded size-1 dim into Replicate())."""
     tp, shape, placements, target = VIEWS[make]
     with simulated_mesh({"tp": tp}) as mesh:
         x = distribute_tensor(torch.randn(shape), mesh, placements)
-        with pytest.raises(RuntimeError) as info:
-            x.view(target)
-    return f"{type(info.value).__name__}: {info.value}"
+        try:
+            answered = x.view(target).placements
+        except RuntimeError as error:
+            return f"{type(error).__name__}: {error}"
+    pytest.skip(f"this torch's DTensor answers the view {shape} {placements} -> {target} with {answered}: "
+                "no message to read")
 
 
 @pytest.mark.parametrize(

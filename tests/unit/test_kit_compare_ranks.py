@@ -83,6 +83,9 @@ def test_a_partial_tensor_has_no_shards_to_compare():
 
 
 def test_the_right_shards_of_a_strided_tensor_are_not_called_wrong():
+    if not (_compat.view_flattens_sharded_dims() and _compat.packed_strided_shard_usable()):
+        pytest.skip("this torch's DTensor cannot view a sharded dim into a flattened one (torch 2.11 "
+                    f"refuses) or gather the _StridedShard it makes: {_compat.packed_strided_shard_probe()[1]}")
     reference_T = torch.arange(24.0, dtype=torch.float64)  # made outside the ranks, as the kit's are
     with simulated_mesh({"cp": 2}) as mesh:
         packed = distribute_tensor(reference_T.view(4, 6), mesh, [Shard(1)]).view(24)
