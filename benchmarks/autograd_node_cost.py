@@ -1,0 +1,96 @@
+"""The floor under any local_map-style wrapper: what one Python autograd node costs on this host.
+
+    python3 benchmarks/autograd_node_cost.py              # on a GPU if there is one, else CPU
+    python3 benchmarks/autograd_node_cost.py --device cpu
+
+Every DTensor boundary (torch's ``to_local``/``from_local``, ``local_map``, dtensor_attn's
+``LocalBoundary``) is a Python ``torch.autograd.Function``: one node where tensors enter the local
+world, one where they leave. This measures what such a node costs by itself, with an identity
+Function (a view forward, the gradient passed through), on one small tensor:
+
+- ``fwd``: issuing ``y = f(x) * 2`` with grad enabled, graph dropped;
+- ``fwd+bwd``: the same and ``torch.autograd.grad(y, x, g)``.
+
+Rows: the C++ op alone, then with 1, 2 and 4 identity nodes in the chain (the extra µs over the
+op alone is the nodes' cost). On a GPU the backward of a Python node runs on the device's
+autograd thread, which must take the GIL; on CPU it runs on the calling thread. Host µs: the
+minimum over ``--samples`` samples of ``--calls`` calls, the rows interleaved per sample; no sync
+inside the timed calls. Nothing here is asserted; docs/gpu-results.md records the GPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+class Identity(torch.autograd.Function):
+    """The least a boundary node can do: a view forward, the gradient passed through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def chain(x: torch.Tensor, nodes: int) -> torch.Tensor:
+    """``x * 2`` with ``nodes`` identity nodes, split before and after the op as a wrapper's are."""
+    for _ in range((nodes + 1) // 2):
+        x = Identity.apply(x)
+    y = x * 2
+    for _ in range(nodes // 2):
+        y = Identity.apply(y)
+    return y
+
+
+def host_us(steps: dict, device: torch.device, samples: int, calls: int) -> dict:
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(samples):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds / calls * 1e6 for name, seconds in best.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--samples", type=int, default=25)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    x_BLNH = torch.randn(1, 128, 8, 64, device=device, requires_grad=True)
+    grad_BLNH = torch.randn_like(x_BLNH)
+    counts = (0, 1, 2, 4)
+    steps = {}
+    for nodes in counts:
+        steps[("fwd", nodes)] = lambda n=nodes: chain(x_BLNH, n)
+        steps[("fwd+bwd", nodes)] = lambda n=nodes: torch.autograd.grad(chain(x_BLNH, n), x_BLNH, grad_BLNH)
+    for step in steps.values():  # warm-up
+        for _ in range(20):
+            step()
+    us = host_us(steps, device, args.samples, args.calls)
+    print(f"# torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print("| phase | op alone µs | " + " | ".join(f"+{n} node{'s' if n > 1 else ''}" for n in counts[1:])
+          + " | µs per node |")
+    print("| --- | --- | " + " | ".join("---" for _ in counts[1:]) + " | --- |")
+    for phase in ("fwd", "fwd+bwd"):
+        alone = us[(phase, 0)]
+        extra = [us[(phase, n)] - alone for n in counts[1:]]
+        print(f"| {phase} | {alone:.1f} | " + " | ".join(f"+{e:.1f}" for e in extra)
+              + f" | {extra[-1] / counts[-1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
