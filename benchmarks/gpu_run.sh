@@ -3,7 +3,8 @@
 # the GPU-only tests (real kernels, kernel launches), the distributed suite under torchrun with
 # NCCL on all GPUs, the whole simulated suite on that machine's torch (CPU meshes), the
 # distributed suite on simulated ranks all on the one GPU (CUDA meshes: flash sdpa and torch's
-# ring attention at any world size), the wrapper-overhead benchmark, the cost of varlen's LSE
+# ring attention at any world size), the wrapper-overhead benchmark (after what one Python
+# autograd node costs, its floor), the cost of varlen's LSE
 # gradient, and with 2 or more GPUs
 # the CP benchmark (CP=2 against one GPU at 32k tokens, ring and all-gather). Full logs go to
 # $OUT (or out/gpu); the console gets each step's summary.
@@ -49,6 +50,8 @@ if [[ $steps == *" simulated-cuda "* ]]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$out/simulated-cuda.log" | tail -40
 fi
 if [[ $steps == *" wrapper "* ]]; then
+  echo "=== one Python autograd node: the floor under any DTensor boundary"
+  python3 benchmarks/autograd_node_cost.py 2>&1 | tee "$out/autograd-node-cost.log" | grep -E "^\||^#"
   for run in 1 2 3; do  # three runs of the same tree: only ratios within one run compare
     echo "=== wrapper overhead, run $run"
     torchrun --standalone --nproc-per-node 1 benchmarks/wrapper_overhead.py --shard-heads 2 2>&1 | tee "$out/wrapper-overhead-$run.log" | grep -E "^\||^#"
