@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from dtensor_attn._compat import LocalBoundary
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wrapper_overhead import _host_us  # noqa: E402  (one home for the interleaved minimum)
 
 
 class Identity(torch.autograd.Function):
@@ -55,19 +58,6 @@ def chain(x: torch.Tensor, nodes: int) -> torch.Tensor:
     for _ in range(nodes // 2):
         y = Identity.apply(y)
     return y
-
-
-def host_us(steps: dict, device: torch.device, samples: int, calls: int) -> dict:
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(samples):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: seconds / calls * 1e6 for name, seconds in best.items()}
 
 
 def boundary_steps(x_BLNH: torch.Tensor, grad_BLNH: torch.Tensor) -> dict:
@@ -113,7 +103,7 @@ def main() -> None:
     for step in steps.values():  # warm-up
         for _ in range(20):
             step()
-    us = host_us(steps, device, args.samples, args.calls)
+    us = _host_us(steps, device, calls=args.calls, samples=args.samples)
     dist.destroy_process_group()
     print(f"# torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))

@@ -4,8 +4,7 @@
 # NCCL on all GPUs, the whole simulated suite on that machine's torch (CPU meshes), the
 # distributed suite on simulated ranks all on the one GPU (CUDA meshes: flash sdpa and torch's
 # ring attention at any world size), the wrapper-overhead benchmark (after what one Python
-# autograd node costs, its floor), the cost of varlen's LSE
-# gradient, and with 2 or more GPUs
+# autograd node costs, its floor), the cost of varlen's LSE gradient, and with 2 or more GPUs
 # the CP benchmark (CP=2 against one GPU at 32k tokens, ring and all-gather). Full logs go to
 # $OUT (or out/gpu); the console gets each step's summary.
 #

@@ -29,10 +29,9 @@ def viewed(axes: tuple, shape: tuple, placements: tuple, target: tuple) -> tuple
     """The placements DTensor's view gives a ``shape`` tensor placed ``placements``, as ``target``.
     Where this torch refuses the flatten (torch 2.11), torch 2.13's answer as ``flatten_placements``
     gives it (pinned equal to DTensor's own in test_placements.py, where DTensor answers)."""
-    with simulated_mesh(dict(axes)) as mesh:
-        x = distribute_tensor(torch.zeros(shape), mesh, list(placements))
-        if _compat.view_flattens_sharded_dims():
-            return tuple(x.view(target).placements)
+    if _compat.view_flattens_sharded_dims():
+        with simulated_mesh(dict(axes)) as mesh:
+            return tuple(distribute_tensor(torch.zeros(shape), mesh, list(placements)).view(target).placements)
     mesh_shape = tuple(size for _, size in axes)
     return flatten_placements(placements, shape, _compat.view_sources(shape, target), mesh_shape)
 
