@@ -198,20 +198,21 @@ def simulate_cp_all_gather() -> None:
     repeated instead of every rank's keys (measured, torch 2.13). These rules run the same
     gather / reduce-scatter through functional collectives, which LocalTensorMode simulates;
     under a real process group torch's op runs unchanged. all_gather_tensor and
-    reduce_scatter_tensor exist on torch 2.11 and 2.13 (the *_single forms only on 2.13)."""
+    reduce_scatter_tensor exist on torch 2.11 and 2.13; 2.13 deprecates them for the *_single
+    forms (same arguments), used where present."""
     import torch.distributed._functional_collectives as funcol
 
     _cp_attention_module()  # imports and registers torch's cplib ops
+    all_gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+    reduce_scatter = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
 
-    def gather(mode, func, types, args, kwargs):
+    def gather_rule(mode, func, types, args, kwargs):
         k, v, seq_dim, group_name = args
-        return tuple(funcol.all_gather_tensor(t.contiguous(), seq_dim, group_name) for t in (k, v))
+        return tuple(all_gather(t.contiguous(), seq_dim, group_name) for t in (k, v))
 
-    def reduce_scatter(mode, func, types, args, kwargs):
+    def reduce_scatter_rule(mode, func, types, args, kwargs):
         grad_k, grad_v, seq_dim, group_name = args
-        return tuple(
-            funcol.reduce_scatter_tensor(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v)
-        )
+        return tuple(reduce_scatter(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v))
 
-    torch.library.register_torch_dispatch("cplib::flex_cp_allgather", LocalTensorMode, gather)
-    torch.library.register_torch_dispatch("cplib::flex_cp_allgather_backward", LocalTensorMode, reduce_scatter)
+    torch.library.register_torch_dispatch("cplib::flex_cp_allgather", LocalTensorMode, gather_rule)
+    torch.library.register_torch_dispatch("cplib::flex_cp_allgather_backward", LocalTensorMode, reduce_scatter_rule)

@@ -25,12 +25,12 @@ def chan():
     return channel
 
 
-@pytest.mark.parametrize("index,at", [(0, 0.0), (7, 1700000000.1234), (123456, 5.5)])
-def test_a_heartbeat_value_reads_back_to_the_millisecond(index, at):
+@pytest.mark.parametrize("index,at", [(0, 0.0), (7, 1700000000.1234567), (123456, 5.5)])
+def test_a_heartbeat_value_reads_back_to_the_microsecond(index, at):
     value = beat_value(index, at)
-    assert value == f"{index} {at:.3f}"
+    assert value == f"{index} {at:.6f}"
     read_index, read_at = parse_beat(value.encode())
-    assert read_index == index and abs(read_at - at) < 5e-4
+    assert read_index == index and abs(read_at - at) < 5e-6
     assert parse_beat(value) == (read_index, read_at)  # str or bytes alike
 
 

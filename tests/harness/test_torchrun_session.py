@@ -21,24 +21,35 @@ NODE = "t.py::test_x"
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    """Two ranks' sessions on one store (a master TCPStore on a free port)."""
+def make_sessions(tmp_path):
+    """make_sessions(timeout_s): two ranks' sessions on one store (a master TCPStore on a free
+    port), closed after the test. A test that expects every rank to report uses the generous
+    default: a short timeout would turn a loaded machine's stall into a verdict."""
     server = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False,
                            timeout=datetime.timedelta(seconds=30))
-    settings = RunSettings(out_dir=tmp_path, timeout_s=1.0)
     made = []
-    for rank in (0, 1):
-        env = TorchrunEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2,
-                          master_addr="localhost", master_port=server.port, run_id="t",
-                          attempt="0")
-        session = TorchrunSession(env, settings)
-        session.open_side_channel()
-        made.append(session)
-    yield made
+
+    def make(timeout_s=12.0):  # waits 15 s; silence is 4 s
+        settings = RunSettings(out_dir=tmp_path, timeout_s=timeout_s)
+        for rank in (0, 1):
+            env = TorchrunEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2,
+                              master_addr="localhost", master_port=server.port, run_id="t",
+                              attempt="0")
+            session = TorchrunSession(env, settings)
+            session.open_side_channel()
+            made.append(session)
+        return made, settings
+
+    yield make
     for session in made:
         session.watchdog.stop()
         session.log.close()
     del server
+
+
+@pytest.fixture
+def sessions(make_sessions):
+    return make_sessions()[0]
 
 
 def _report(outcome, when="call", text=""):
@@ -91,7 +102,8 @@ def test_one_rank_failing_fails_both_with_the_root_cause_text(sessions):
     assert sessions[0].failures[0][:2] == (NODE, "call")
 
 
-def test_a_rank_that_never_reports_stops_the_run(sessions):
+def test_a_rank_that_never_reports_stops_the_run(make_sessions):
+    sessions, _ = make_sessions(timeout_s=1.0)  # waits 3 s
     reports, item = _phase(sessions, ["passed", None])
     assert reports[0].outcome == "failed"
     assert "rank 1: no report within 3 s: it died or hung" in reports[0].longreprtext
@@ -141,29 +153,18 @@ def test_junit_gets_one_case_per_test_after_teardown(sessions, tmp_path):
     assert "start call t.py::test_x" in log and "call t.py::test_x FAILED on every rank" in log
 
 
-def test_a_rank_that_went_silent_is_reported_for_and_named_root_cause(tmp_path):
+def test_a_rank_that_went_silent_is_reported_for_and_named_root_cause(make_sessions, tmp_path):
     """Rank 1's heartbeat stops (as when it exits, is killed or holds the GIL) after it began
     the phase: rank 0's watchdog writes rank 1's report for it, well before the wait's end."""
-    server = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
-    settings = RunSettings(out_dir=tmp_path, timeout_s=12.0)  # waits 15 s; silence is 4 s
-    sessions = []
-    for rank in (0, 1):
-        env = TorchrunEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2,
-                          master_addr="localhost", master_port=server.port, run_id="s",
-                          attempt="0")
-        sessions.append(TorchrunSession(env, settings))
-        sessions[-1].open_side_channel()
-    try:
-        sessions[1].begin_phase(NODE, "setup")  # announces phase 1, then falls silent
-        sessions[1].watchdog.stop()
-        started = time.monotonic()
-        reports, item = _phase(sessions[:1], ["failed"], when="setup")
-        seconds = time.monotonic() - started
-    finally:
-        for session in sessions:
-            session.watchdog.stop()
-            session.log.close()
+    sessions, settings = make_sessions()
+    sessions[1].begin_phase(NODE, "setup")  # announces phase 1, then falls silent
+    # Its watchdog thread must be gone before rank 0's phase starts: a beat it posts late
+    # would date rank 1's silence after rank 0's failure (a flake on a loaded machine).
+    assert sessions[1].watchdog.stop(timeout_s=30.0), "rank 1's watchdog thread never ended"
+    started = time.monotonic()
+    reports, item = _phase(sessions[:1], ["failed"], when="setup")
+    seconds = time.monotonic() - started
+    assert sessions[0].watchdog.stop(timeout_s=30.0)  # it logs after it writes rank 1's report
     text = reports[0].longreprtext
     assert text.startswith("failed in setup on rank 1 first (root cause)"), text
     assert f"rank 1: went silent during the setup of {NODE}: no report and no heartbeat for " \
@@ -212,13 +213,14 @@ def test_a_late_report_does_not_overwrite_the_one_written_for_a_silent_rank(sess
     written = silent_report(1, nodeid=NODE, when="call", began_phase=True, last_beat_at=1.0,
                             silent_s=9.0)
     reports = {}
+    # Rank 0's watchdog wrote it, here before the threads start: a store client serves one thread.
+    sessions[0]._chan.post_first("phase/1/1", written.to_json())
 
     def rank_main(session):
         session.begin_phase(NODE, "call")
         session.end_phase()
         if session.rank == 1:
-            sessions[0]._chan.post_first("phase/1/1", written.to_json())  # rank 0's watchdog
-            session._own_beat._sent -= 100.0  # ... after rank 1's heartbeat had stopped
+            session._own_beat._sent -= 100.0  # rank 1's heartbeat had stopped, then it resumes
             if beat_first:
                 session._beat(session._chan)  # its watchdog runs again first
         reports[session.rank] = report = _report("passed")

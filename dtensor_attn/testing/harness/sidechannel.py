@@ -34,7 +34,9 @@ BEAT_S = 0.25  # heartbeat period; silence is judged over many (RunSettings.sile
 
 
 def beat_value(index: int, at: float) -> str:
-    return f"{index} {at:.3f}"
+    """To the microsecond: a silent rank's last beat is ordered against another rank's failure
+    (the root cause), which may follow it by less than a millisecond on one host."""
+    return f"{index} {at:.6f}"
 
 
 def parse_beat(value: bytes | str) -> tuple[int, float]:

@@ -90,9 +90,12 @@ class PhaseWatchdog:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """Stop the thread; waits at most ``timeout_s`` (five polls by default) for it to end.
+        Returns whether it ended: one still inside a store call may beat once more."""
         self._stopping.set()
-        self._thread.join(timeout=5 * self._poll_s)
+        self._thread.join(timeout=5 * self._poll_s if timeout_s is None else timeout_s)
+        return not self._thread.is_alive()
 
     def begin(self, index: int, nodeid: str, when: str) -> None:
         with self._lock:
