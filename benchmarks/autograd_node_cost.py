@@ -89,9 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29593")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    # One rank: an in-process store, no port that another job on the runner may hold.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                            store=dist.HashStore())
     x_BLNH = torch.randn(1, 128, 8, 64, device=device, requires_grad=True)
     grad_BLNH = torch.randn_like(x_BLNH)
     counts = (0, 1, 2, 4)

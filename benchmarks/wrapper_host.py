@@ -28,7 +28,6 @@ benchmarks/wrapper_overhead.py). No number here is asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -115,9 +114,8 @@ def measure(mesh, tp: int, samples: int, calls: int) -> list[tuple]:
 def run_mode(mode: str, samples: int, calls: int) -> None:
     torch.set_num_threads(1)  # the host path is single-threaded; kernel threads only add noise
     if mode == "gloo1":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29591")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # One rank: an in-process store, no port that another job on the runner may hold.
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
         mesh = dist.device_mesh.init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
         rows = measure(mesh, 1, samples, calls)
         dist.destroy_process_group()
