@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything docs/gpu-results.md records, in one call on a GPU machine (no network there):
 # the GPU-only tests (real kernels, kernel launches), the distributed suite under torchrun with
-# NCCL on all GPUs, the whole simulated suite on that machine's torch (CPU meshes), the
-# distributed suite on simulated ranks all on the one GPU (CUDA meshes: flash sdpa and torch's
-# ring attention at any world size), the wrapper-overhead benchmark (after what one Python
-# autograd node costs, its floor), the cost of varlen's LSE gradient, and with 2 or more GPUs
-# the CP benchmark (CP=2 against one GPU at 32k tokens, ring and all-gather). Full logs go to
-# $OUT (or out/gpu); the console gets each step's summary.
+# NCCL on all GPUs, the whole simulated suite and the harness's own tests on that machine's
+# torch (CPU meshes), the distributed suite on simulated ranks all on the one GPU (CUDA meshes:
+# flash sdpa and torch's ring attention at any world size), the wrapper-overhead benchmark
+# (after what one Python autograd node costs, its floor), the cost of varlen's LSE gradient,
+# and with 2 or more GPUs the CP benchmark (CP=2 against one GPU at 32k tokens, ring and
+# all-gather). Full logs go to $OUT (or out/gpu); the console gets each step's summary.
 #
 # usage: bash benchmarks/gpu_run.sh [STEP...]
 #        steps: gpu torchrun simulated simulated-cuda wrapper lse cp (default: all)
@@ -39,7 +39,7 @@ if [[ $steps == *" torchrun "* ]]; then
 fi
 if [[ $steps == *" simulated "* ]]; then
   echo "=== simulated suite on this machine's torch"
-  python3 -m pytest -q -n 8 -p no:randomly -rfs --tb=short tests/unit tests/distributed >"$out/simulated.log" 2>&1
+  python3 -m pytest -q -n 8 -p no:randomly -rfs --tb=short tests/unit tests/distributed tests/harness >"$out/simulated.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$out/simulated.log" | tail -40
 fi
 if [[ $steps == *" simulated-cuda "* ]]; then

@@ -106,6 +106,18 @@ def test_own_reports_are_plain_sets_while_beating_and_first_wins_after_a_gap(cha
     assert own.post_report(chan, 7, "own") == "own"  # the gap is spent: plain sets again
 
 
+def test_the_first_report_follows_a_gap_on_a_machine_booted_seconds_ago(chan, monkeypatch):
+    """The monotonic clock counts from boot: on a fresh machine it is smaller than a gap, and
+    the first report must still be a first-writer set (found on a just-started GPU machine)."""
+    import dtensor_attn.testing.harness.sidechannel as sidechannel
+
+    monkeypatch.setattr(sidechannel.time, "monotonic", lambda: 3.0)
+    own = OwnBeat(rank=1, silence_s=10.0)
+    own.beat(chan, 1)
+    chan.post("phase/1/1", "written for it")
+    assert own.post_report(chan, 1, "own") == "written for it"
+
+
 class GoneStore:
     """A store whose launcher died: every call raises torch's DistError."""
 

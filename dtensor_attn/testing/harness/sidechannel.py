@@ -21,6 +21,7 @@ Every wait has a timeout.
 from __future__ import annotations
 
 import datetime
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -171,7 +172,9 @@ class OwnBeat:
         self.rank = rank
         self.silence_s = silence_s
         self._lock = threading.Lock()
-        self._sent = 0.0  # time.monotonic() of the latest beat
+        # time.monotonic() of the latest beat; none yet is a gap. (Not 0.0: the monotonic clock
+        # counts from boot, and a machine started minutes ago is less than a gap past it.)
+        self._sent = -math.inf
         self._gap = False  # a gap since the last report
 
     def beat(self, chan: SideChannel, index: int) -> None:
