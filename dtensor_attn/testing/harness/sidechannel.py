@@ -173,7 +173,7 @@ class OwnBeat:
         self.silence_s = silence_s
         self._lock = threading.Lock()
         # time.monotonic() of the latest beat; none yet is a gap. (Not 0.0: the monotonic clock
-        # counts from boot, and a machine started minutes ago is less than a gap past it.)
+        # counts from boot, so on a machine up for less than half the silence 0.0 is no gap.)
         self._sent = -math.inf
         self._gap = False  # a gap since the last report
 
