@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import math
 import os
 import sys
 import threading
@@ -114,7 +115,7 @@ class PhaseWatchdog:
     def _run(self) -> None:
         watched: Phase | None = None
         first_seen: dict[tuple[str, int], float] = {}  # PeerEvents of the watched phase
-        last_beat = 0.0
+        last_beat = -math.inf  # the first poll beats (whatever the machine's uptime)
         while not self._stopping.wait(self._poll_s):
             with self._lock:
                 phase = self._phase
