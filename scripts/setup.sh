@@ -2,6 +2,7 @@
 # Install what dtensor_attn needs, without ever replacing a torch that is already installed.
 #
 # usage: bash scripts/setup.sh        (PYTHON=python3.11 bash scripts/setup.sh for another one)
+#        bash scripts/setup.sh --dry-run   (print the install it would run; install nothing)
 #
 # - no torch importable: install torch==2.13.0 (not whatever newest release a bare "torch"
 #   requirement would pull);
@@ -13,9 +14,17 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+dry_run=0
+case ${1:-} in
+  "") ;;
+  --dry-run) dry_run=1 ;;
+  *) echo "setup.sh: unknown argument '$1' (usage: bash scripts/setup.sh [--dry-run])" >&2; exit 2 ;;
+esac
 
 # Prints "no-torch", or "<torch version> ok" when this checkout is installed with its plugin
-# and test dependencies, or "<torch version> install" otherwise.
+# and test dependencies, or "<torch version> install" otherwise. The version is the installed
+# distribution's, which pip compares: PyPI's CUDA wheels say "2.11.0" there while
+# torch.__version__ says "2.11.0+cu130", and a pin on the latter matches no distribution.
 state=$("$PYTHON" - "$PWD" <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
@@ -36,14 +45,24 @@ try:
     ready = ready and here and plugin and int(version("pytest").split(".")[0]) >= 8
 except PackageNotFoundError:
     ready = False
-print(torch.__version__, "ok" if ready else "install")
+try:
+    pin = version("torch")
+except PackageNotFoundError:  # a torch without metadata (on PYTHONPATH): pip then fails, never swaps it
+    pin = torch.__version__
+print(pin, "ok" if ready else "install")
 PY
 )
 
+if [[ $dry_run == 1 ]]; then
+  [[ $state == no-torch ]] && echo "setup.sh: would run: $PYTHON -m pip install torch==2.13.0" \
+    && state="2.13.0 install"
+  echo "setup.sh: would run: $PYTHON -m pip install -c <(echo torch==${state% *}) -e .[test]"
+  exit 0
+fi
 if [[ $state == no-torch ]]; then
   echo "setup.sh: no torch importable by $PYTHON; installing torch==2.13.0"
   "$PYTHON" -m pip install "torch==2.13.0"
-  state="$("$PYTHON" -c 'import torch; print(torch.__version__)') install"
+  state="$("$PYTHON" -c 'from importlib.metadata import version; print(version("torch"))') install"
 fi
 torch_version=${state% *}
 if [[ $state == *" ok" ]]; then

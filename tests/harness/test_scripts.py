@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -65,3 +66,18 @@ def test_setup_is_quick_and_changes_nothing_when_everything_is_installed():
     result = _run("scripts/setup.sh")
     assert result.returncode == 0, result.stderr
     assert "already installed" in result.stdout and "pip" not in result.stdout
+
+
+def test_setup_pins_the_installed_torch_distribution_not_its_version_string(tmp_path):
+    """PyPI's CUDA wheels install distribution 2.11.0 whose torch.__version__ is 2.11.0+cu130:
+    a pin on the version string matches no distribution and pip refuses to install anything."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text('__version__ = "9.9.9+cu999"\n')
+    (tmp_path / "torch-9.9.9.dist-info").mkdir()
+    (tmp_path / "torch-9.9.9.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 9.9.9\n")
+    result = subprocess.run(["bash", "scripts/setup.sh", "--dry-run"], cwd=REPO, text=True,
+                            capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "-m pip install -c <(echo torch==9.9.9) -e .[test]" in result.stdout, result.stdout
