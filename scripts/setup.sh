@@ -56,7 +56,9 @@ PY
 if [[ $dry_run == 1 ]]; then
   [[ $state == no-torch ]] && echo "setup.sh: would run: $PYTHON -m pip install torch==2.13.0" \
     && state="2.13.0 install"
-  echo "setup.sh: would run: $PYTHON -m pip install -c <(echo torch==${state% *}) -e .[test]"
+  install="$PYTHON -m pip install -c <(echo torch==${state% *}) -e .[test]"
+  [[ $state == *" ok" ]] && echo "setup.sh: nothing to do (all installed); an install would run: $install" \
+    || echo "setup.sh: would run: $install"
   exit 0
 fi
 if [[ $state == no-torch ]]; then
