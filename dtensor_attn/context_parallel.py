@@ -91,7 +91,7 @@ def apply_context_parallel(
         style = style_type(seq_dim=inner.in_layout.seq_dim, attention_type=attention_type)
         parallelize_module(inner, cp_mesh, style)
         if strategy is CPStrategy.ALL_GATHER:
-            inner.register_forward_pre_hook(_drop_flex_trailing_args, with_kwargs=True)
+            inner.register_forward_pre_hook(_after_torch_gather, with_kwargs=True)
         attach_boundary_check(inner, cp_mesh)
         setattr(inner, _APPLIED_ATTR, cp_mesh)
     return inners
@@ -193,7 +193,7 @@ class _AllGatherInputs:
         visibility = Visibility(module.is_causal, mask, self._local_rows(index_L, 0), index_L)
         kwargs = {**{k: v for k, v in kwargs.items() if k != "mask"}, "visibility": visibility}
         # torch's hook reads q, k, v by flex_attention's positions (query, key, value, score_mod,
-        # block_mask); some versions assert on block_mask. _drop_flex_trailing_args undoes this.
+        # block_mask); some versions assert on block_mask. _after_torch_gather undoes this.
         return (q, k, v, *_compat.FLEX_CP_HOOK_TRAILING_ARGS), kwargs
 
     def _local_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -202,8 +202,29 @@ class _AllGatherInputs:
             return distribute_tensor(t, self.cp_mesh, [Shard(dim)], src_data_rank=None).to_local()
 
 
-def _drop_flex_trailing_args(module, args, kwargs):
-    return args[:3], kwargs
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; the gradient leaves contiguous. torch's backward of its k/v all-gather
+    chunks the gradient along seq_dim, concatenates the chunks (keeping an unusual memory
+    format, such as the math kernel's channels-last-like key gradient) and reduce-scatters it:
+    torch 2.11's reduce-scatter refuses a non-contiguous input. A contiguous gradient costs
+    nothing more; any other is copied once here instead of failing there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _after_torch_gather(module, args, kwargs):
+    """Runs after torch's hook gathered k/v: drops the flex trailing args, and routes the
+    gathered k/v's gradients through ``_ContiguousGrad`` on their way back to torch's op."""
+    q, k, v = args[:3]
+    if torch.is_grad_enabled():
+        k, v = (_ContiguousGrad.apply(t) if t.requires_grad else t for t in (k, v))
+    return (q, k, v), kwargs
 
 
 __all__ = [

@@ -199,7 +199,14 @@ def simulate_cp_all_gather() -> None:
     gather / reduce-scatter through functional collectives, which LocalTensorMode simulates;
     under a real process group torch's op runs unchanged. all_gather_tensor and
     reduce_scatter_tensor exist on torch 2.11 and 2.13; 2.13 deprecates them for the *_single
-    forms (same arguments), used where present."""
+    forms (same arguments), used where present.
+
+    The backward keeps the real op's strictest contract: torch's op chunks each gradient along
+    seq_dim and concatenates the chunks (a copy that keeps an unusual memory format, e.g. the
+    math kernel's channels-last-like key gradient), then reduce-scatters it; torch 2.11's
+    reduce-scatter refuses a non-contiguous input, 2.13's accepts it. Measured under torchrun
+    (gloo, torch 2.11): the flex hooks path failed its backward there while these rules, which
+    made the input contiguous, passed on simulated ranks. Now they refuse it alike."""
     import torch.distributed._functional_collectives as funcol
 
     _cp_attention_module()  # imports and registers torch's cplib ops
@@ -212,7 +219,17 @@ def simulate_cp_all_gather() -> None:
 
     def reduce_scatter_rule(mode, func, types, args, kwargs):
         grad_k, grad_v, seq_dim, group_name = args
-        return tuple(reduce_scatter(t.contiguous(), "sum", seq_dim, group_name) for t in (grad_k, grad_v))
+        size = torch.distributed.distributed_c10d._get_group_size_by_name(group_name)
+        for name, grad in (("k", grad_k), ("v", grad_v)):
+            if not torch.cat(torch.chunk(grad, size, dim=seq_dim)).is_contiguous():
+                raise RuntimeError(
+                    f"cplib::flex_cp_allgather_backward (simulated): the gradient of the gathered {name}, "
+                    f"shape {tuple(grad.shape)} strides {grad.stride()}, is not contiguous once chunked along "
+                    f"seq_dim {seq_dim} and concatenated; torch 2.11's reduce-scatter refuses it (\"Expected "
+                    "input.is_contiguous() to be true\"), so simulated ranks do too. Fix: make the gradient "
+                    "contiguous before torch's op (apply_context_parallel's hook does)"
+                )
+        return tuple(reduce_scatter(t, "sum", seq_dim, group_name) for t in (grad_k, grad_v))
 
     torch.library.register_torch_dispatch("cplib::flex_cp_allgather", LocalTensorMode, gather_rule)
     torch.library.register_torch_dispatch("cplib::flex_cp_allgather_backward", LocalTensorMode, reduce_scatter_rule)
