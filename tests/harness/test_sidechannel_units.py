@@ -4,6 +4,8 @@ gathers, first-writer-wins reports, heartbeats, and a store that is gone."""
 from __future__ import annotations
 
 import datetime
+import time
+import types
 
 import pytest
 import torch.distributed as dist
@@ -111,7 +113,9 @@ def test_the_first_report_follows_a_gap_on_a_machine_booted_seconds_ago(chan, mo
     the first report must still be a first-writer set (found on a just-started GPU machine)."""
     import dtensor_attn.testing.harness.sidechannel as sidechannel
 
-    monkeypatch.setattr(sidechannel.time, "monotonic", lambda: 3.0)
+    # this module's clock only: time.monotonic itself stays real for pytest and other threads
+    clock = types.SimpleNamespace(monotonic=lambda: 3.0, time=time.time)
+    monkeypatch.setattr(sidechannel, "time", clock)
     own = OwnBeat(rank=1, silence_s=10.0)
     own.beat(chan, 1)
     chan.post("phase/1/1", "written for it")
