@@ -14,6 +14,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+default_torch=2.13.0  # installed only where no torch is
 dry_run=0
 case ${1:-} in
   "") ;;
@@ -54,16 +55,16 @@ PY
 )
 
 if [[ $dry_run == 1 ]]; then
-  [[ $state == no-torch ]] && echo "setup.sh: would run: $PYTHON -m pip install torch==2.13.0" \
-    && state="2.13.0 install"
+  [[ $state == no-torch ]] && echo "setup.sh: would run: $PYTHON -m pip install torch==$default_torch" \
+    && state="$default_torch install"
   install="$PYTHON -m pip install -c <(echo torch==${state% *}) -e .[test]"
   [[ $state == *" ok" ]] && echo "setup.sh: nothing to do (all installed); an install would run: $install" \
     || echo "setup.sh: would run: $install"
   exit 0
 fi
 if [[ $state == no-torch ]]; then
-  echo "setup.sh: no torch importable by $PYTHON; installing torch==2.13.0"
-  "$PYTHON" -m pip install "torch==2.13.0"
+  echo "setup.sh: no torch importable by $PYTHON; installing torch==$default_torch"
+  "$PYTHON" -m pip install "torch==$default_torch"
   state="$("$PYTHON" -c 'from importlib.metadata import version; print(version("torch"))') install"
 fi
 torch_version=${state% *}
